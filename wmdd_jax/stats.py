@@ -1,0 +1,219 @@
+"""Stage 2: per-class BatchNorm-input statistics and penultimate features of the real data.
+
+One streamed pass over the real train split with the teacher in eval mode. For every class c and
+BN layer l it gives the mean and biased variance of that layer's input over all images of class c
+and all spatial positions, pooled exactly (not an average of per-batch variances): each batch's
+per-sample moments (see :mod:`wmdd_jax.models.base`) give per-class (count, mean, M2) of the
+batch, merged into the running per-class state with Chan's parallel update, which avoids the
+cancellation of E[x^2] - E[x]^2. The state is O(C x total BN channels), so ImageNet-1K fits;
+features are kept in host memory or, for large sets, written to a memory-mapped ``.npy`` file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from wmdd_jax.errors import DataError, NonFiniteError, ShapeError
+from wmdd_jax.models.base import apply_model
+
+
+class ClassStatistics(NamedTuple):
+  """Per-class and global BN-input statistics of the real train split.
+
+  Attributes:
+    mean: tuple over BN layers (forward order) of f32[C, ch_l].
+    var: tuple over BN layers of f32[C, ch_l], biased.
+    global_mean: tuple over BN layers of f32[ch_l], all classes pooled (for SRe2L ablations).
+    global_var: tuple over BN layers of f32[ch_l].
+    counts: i64[C], images per class.
+  """
+
+  mean: tuple[np.ndarray, ...]
+  var: tuple[np.ndarray, ...]
+  global_mean: tuple[np.ndarray, ...]
+  global_var: tuple[np.ndarray, ...]
+  counts: np.ndarray
+
+
+class Features(NamedTuple):
+  """Penultimate features of the real train split.
+
+  Attributes:
+    features: f32[N, d] (a numpy array or a read-only memmap).
+    labels: i32[N].
+  """
+
+  features: np.ndarray
+  labels: np.ndarray
+
+
+_HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 in the per-class sums on GPUs
+
+
+def make_stats_step(model: nn.Module, num_classes: int, mean: Any, std: Any):
+  """Builds the jitted per-batch accumulation step.
+
+  The returned ``step(acc, variables, images u8[B, H, W, ch], labels i32[B], mask f32[B])`` adds
+  one batch to the accumulator and also returns the batch's features f32[B, d]. ``mask`` zeroes
+  padding rows, so the last (short) batch is padded to the same shape and nothing recompiles.
+  """
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+
+  def step(acc, variables, images, labels, mask):
+    x = (images.astype(jnp.float32) / 255.0 - mean) / std
+    out = apply_model(model, variables, x, train=False)
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * mask[:, None]
+    n_b = onehot.sum(0)  # [C]
+    n = acc["count"]
+    n_new = n + n_b
+    frac = jnp.where(n_new > 0, n_b / jnp.maximum(n_new, 1.0), 0.0)[:, None]
+    new = {"count": n_new, "mean": [], "m2": []}
+    for layer, (m, v) in enumerate(zip(out.bn_mean, out.bn_var)):
+      mean_b = jnp.matmul(onehot.T, m, precision=_HIGHEST) / jnp.maximum(n_b, 1.0)[:, None]
+      dev = m - jnp.matmul(onehot, mean_b, precision=_HIGHEST)
+      # Within-batch M2 of class c: sum over its samples of (spatial var + (sample mean - mean)^2).
+      m2_b = jnp.matmul(onehot.T, v + dev * dev, precision=_HIGHEST)
+      delta = mean_b - acc["mean"][layer]
+      new["mean"].append(acc["mean"][layer] + delta * frac)
+      new["m2"].append(acc["m2"][layer] + m2_b + delta * delta * (n * frac[:, 0])[:, None])
+    return new, out.features
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def _empty_accumulator(model, variables, image_shape, num_classes):
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  shapes = jax.eval_shape(lambda v, x: apply_model(model, v, x), variables, x)
+  # Distinct buffers: the step donates the accumulator.
+  zeros = lambda: [jnp.zeros((num_classes, m.shape[-1]), jnp.float32) for m in shapes.bn_mean]
+  return {"count": jnp.zeros((num_classes,), jnp.float32), "mean": zeros(), "m2": zeros()}
+
+
+def compute_class_statistics(
+    model: nn.Module,
+    variables: dict[str, Any],
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    *,
+    num_classes: int,
+    image_shape: tuple[int, int, int],
+    mean: Any,
+    std: Any,
+    batch_size: int,
+    total: int | None = None,
+    keep_features: bool = True,
+    feature_path: str | os.PathLike | None = None,
+) -> tuple[ClassStatistics, Features | None]:
+  """Streams the real train split once through the eval-mode teacher.
+
+  Args:
+    model: the teacher (a registered wmdd_jax model).
+    variables: its ``{"params", "batch_stats"}``.
+    batches: iterable of (images u8[B, H, W, ch], labels i32[B]) with B <= batch_size, e.g.
+      ``dataset.iter_batches("train", batch_size)``.
+    num_classes: C.
+    image_shape: (H, W, ch) of the images.
+    mean: per-channel normalisation mean, pixel scale [0, 1].
+    std: per-channel normalisation std.
+    batch_size: the fixed compiled batch size (short batches are padded and masked).
+    total: number of images, for the progress bar and the feature file.
+    keep_features: also return the penultimate features.
+    feature_path: write features to this ``.npy`` file (memory-mapped; needs ``total``) instead of
+      holding them in memory.
+
+  Returns:
+    (ClassStatistics, Features or None).
+
+  Raises:
+    ShapeError: a batch with the wrong image shape or more than batch_size images.
+    DataError: a label outside [0, C), or a class with no images.
+    NonFiniteError: the statistics contain NaN or Inf (a broken teacher or unnormalised input).
+  """
+  image_shape = tuple(image_shape)
+  acc = _empty_accumulator(model, variables, image_shape, num_classes)
+  step = make_stats_step(model, num_classes, mean, std)
+  feats, labs, offset = [], [], 0
+  memmap = None
+  if keep_features and feature_path is not None:
+    if total is None:
+      raise ShapeError("feature_path needs total= (the number of images) to size the file; "
+                       "pass total=dataset.num_examples('train').")
+    memmap = None  # created lazily once d is known
+  with tqdm(total=total, desc="statistics", unit="img", leave=False) as bar:
+    for images, labels in batches:
+      images = np.asarray(images)
+      labels = np.asarray(labels, np.int32)
+      b = images.shape[0]
+      if images.shape[1:] != image_shape or b > batch_size or labels.shape != (b,):
+        raise ShapeError(
+            f"statistics got a batch of images {images.shape} and labels {labels.shape}; "
+            f"expected at most {batch_size} images of shape {image_shape} with one label each. "
+            "Open the dataset with the teacher's image size (resize=...) and pass batch_size.")
+      if b and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"labels must lie in [0, {num_classes}); got {labels.min()}.."
+                        f"{labels.max()}. Check num_classes against the dataset.")
+      pad = batch_size - b
+      mask = np.concatenate([np.ones(b, np.float32), np.zeros(pad, np.float32)])
+      if pad:
+        images = np.concatenate([images, np.zeros((pad, *image_shape), images.dtype)])
+        labels = np.concatenate([labels, np.zeros(pad, np.int32)])
+      acc, f = step(acc, variables, images, labels, mask)
+      if keep_features:
+        f = np.asarray(f[:b], np.float32)
+        if memmap is None and feature_path is not None:
+          memmap = np.lib.format.open_memmap(
+              os.fspath(feature_path), mode="w+", dtype=np.float32, shape=(total, f.shape[1]))
+        if memmap is not None:
+          memmap[offset:offset + b] = f
+        else:
+          feats.append(f)
+        labs.append(labels[:b].copy())
+      offset += b
+      bar.update(b)
+  stats = finalize_statistics(jax.device_get(acc))
+  features = None
+  if keep_features:
+    labels_all = np.concatenate(labs) if labs else np.zeros((0,), np.int32)
+    if memmap is not None:
+      memmap.flush()
+      features = Features(np.load(os.fspath(feature_path), mmap_mode="r")[:offset], labels_all)
+    else:
+      features = Features(np.concatenate(feats) if feats else np.zeros((0, 0), np.float32),
+                          labels_all)
+  return stats, features
+
+
+def finalize_statistics(acc: dict[str, Any]) -> ClassStatistics:
+  """Turns the accumulated per-class (count, mean, M2) into means and biased variances."""
+  counts = np.asarray(acc["count"], np.float64)
+  if np.any(counts == 0):
+    empty = np.flatnonzero(counts == 0).tolist()
+    raise DataError(f"classes {empty} have no training images, so their statistics are "
+                    "undefined. Check the dataset's labels or num_classes.")
+  means, variances, gmeans, gvars = [], [], [], []
+  total = counts.sum()
+  for mean, m2 in zip(acc["mean"], acc["m2"]):
+    mu = np.asarray(mean, np.float64)
+    m2 = np.asarray(m2, np.float64)
+    # All classes pooled: the law of total variance over the per-class moments.
+    gmu = (counts[:, None] * mu).sum(0) / total
+    gvar = (m2.sum(0) + (counts[:, None] * (mu - gmu) ** 2).sum(0)) / total
+    means.append(mu.astype(np.float32))
+    variances.append((m2 / counts[:, None]).astype(np.float32))
+    gmeans.append(gmu.astype(np.float32))
+    gvars.append(gvar.astype(np.float32))
+  stats = ClassStatistics(tuple(means), tuple(variances), tuple(gmeans), tuple(gvars),
+                          counts.astype(np.int64))
+  for layer, (m, v) in enumerate(zip(means, variances)):
+    if not (np.all(np.isfinite(m)) and np.all(np.isfinite(v))):
+      raise NonFiniteError(f"BN layer {layer}: the per-class input statistics contain NaN/Inf. "
+                           "Check the teacher checkpoint and the input normalisation.")
+  return stats

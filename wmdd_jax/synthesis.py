@@ -1,0 +1,372 @@
+"""Stage 4 (recover): optimise synthetic images towards barycenter features and BN statistics.
+
+For class c with synthetic images X_c: f32[k, H, W, ch] (normalised space), barycenter support
+B_c: f32[k, d] and real per-class BN-input statistics (mu[c, l], var[c, l]):
+
+    L_c = r_feat * ||f_e(aug(X_c)) - B_c||_F
+        + r_bn   * sum_l (||mu_l(aug(X_c)) - mu[c, l]||_2 + ||var_l(aug(X_c)) - var[c, l]||_2)
+        + r_ce   * mean_j CE(f(aug(X_cj)), c)
+
+Image j of class c is tied to barycenter point j. The norms are not squared (as in the paper).
+With the teacher in eval mode every image's forward pass is independent, so one forward pass of
+all C*k images followed by a ``jax.vmap`` over classes of the per-class loss gives exactly the
+per-class losses and gradients: classes never interact, and any chunk of classes can be
+optimised together. The SRe2L-style ablation (``bn_stats="global"``) matches the statistics of
+the whole chunk to the all-class statistics instead, as SRe2L's mixed-class batches do.
+
+Randomness is a pure function of (key, step, class id): initial noise uses
+``fold_in(init_key, class_id)``, augmentation ``fold_in(key, step)`` (shared by every image, the
+official default) or ``fold_in(fold_in(key, step), class_id)`` per class when ``per_image``. So
+results do not depend on how classes are chunked, and a resumed run is bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from wmdd_jax.data import transforms
+from wmdd_jax.errors import ConfigError, NonFiniteError, ShapeError
+from wmdd_jax.models.base import apply_model, pool_moments
+
+FEATURE_TARGETS = ("barycenter", "none")
+BN_MODES = ("class", "global", "none")
+INITS = ("noise", "real")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoverOptions:
+  """Hyperparameters of the recover stage (DESIGN section 1 defaults).
+
+  Attributes:
+    iterations: optimisation steps per class.
+    lr: Adam learning rate, cosine-decayed to 0 over ``iterations`` without warm-up.
+    beta1, beta2: Adam betas.
+    r_feat, r_bn, r_ce: coefficients of the feature, BN and cross-entropy terms.
+    feature_target: "barycenter" (WMDD) or "none" (no feature term).
+    bn_stats: "class" (per-class statistics, WMDD), "global" (all-class statistics on the whole
+      chunk, SRe2L) or "none".
+    augment: random-resized-crop + flip + jitter each step.
+    per_image: one augmentation draw per image instead of one per step for the whole batch.
+    crop_scale: random-resized-crop scale range.
+    jitter_fraction: maximum circular shift as a fraction of the image side (official: 1/7).
+    init: "noise" (N(0, 1) in normalised space) or "real" (images given by the caller).
+    steps_per_call: steps fused into one jitted ``lax.scan`` between host syncs (progress, NaN
+      checks, checkpoints).
+  """
+
+  iterations: int = 2000
+  lr: float = 0.25
+  beta1: float = 0.5
+  beta2: float = 0.9
+  r_feat: float = 1.0
+  r_bn: float = 10.0
+  r_ce: float = 0.0
+  feature_target: str = "barycenter"
+  bn_stats: str = "class"
+  augment: bool = True
+  per_image: bool = False
+  crop_scale: tuple[float, float] = (0.08, 1.0)
+  jitter_fraction: float = 1.0 / 7.0
+  init: str = "noise"
+  steps_per_call: int = 25
+
+  def __post_init__(self):
+    for name, value, allowed in (("feature_target", self.feature_target, FEATURE_TARGETS),
+                                 ("bn_stats", self.bn_stats, BN_MODES),
+                                 ("init", self.init, INITS)):
+      if value not in allowed:
+        raise ConfigError(f"recover option {name}={value!r} is not one of {allowed}.")
+    if self.iterations < 1 or self.steps_per_call < 1:
+      raise ConfigError("recover iterations and steps_per_call must be >= 1; got "
+                        f"{self.iterations} and {self.steps_per_call}.")
+
+
+class RecoverTargets(NamedTuple):
+  """What the synthetic images of each class are pulled towards.
+
+  Attributes:
+    features: f32[C, k, d] barycenter support points (ignored when feature_target="none").
+    bn_mean: tuple over BN layers of f32[C, ch_l], per-class real statistics.
+    bn_var: tuple over BN layers of f32[C, ch_l].
+    global_mean: tuple over BN layers of f32[ch_l], all-class statistics.
+    global_var: tuple over BN layers of f32[ch_l].
+  """
+
+  features: jax.Array
+  bn_mean: tuple[jax.Array, ...]
+  bn_var: tuple[jax.Array, ...]
+  global_mean: tuple[jax.Array, ...]
+  global_var: tuple[jax.Array, ...]
+
+  def take(self, class_ids: np.ndarray) -> RecoverTargets:
+    """The targets of a chunk of classes."""
+    return self._replace(
+        features=self.features[class_ids],
+        bn_mean=tuple(m[class_ids] for m in self.bn_mean),
+        bn_var=tuple(v[class_ids] for v in self.bn_var),
+    )
+
+
+class RecoverState(NamedTuple):
+  """The optimiser state of one chunk of classes.
+
+  Attributes:
+    images: f32[C, k, H, W, ch] in normalised space.
+    opt_state: Adam's state for ``images``.
+    step: i32[] steps taken.
+  """
+
+  images: jax.Array
+  opt_state: Any
+  step: jax.Array
+
+
+def make_optimizer(options: RecoverOptions) -> optax.GradientTransformation:
+  schedule = optax.cosine_decay_schedule(options.lr, options.iterations)
+  return optax.adam(schedule, b1=options.beta1, b2=options.beta2)
+
+
+def init_images(key: jax.Array, class_ids: Any, ipc: int, image_shape: Sequence[int]):
+  """N(0, 1) noise per class from ``fold_in(key, class_id)``: f32[C, ipc, H, W, ch]."""
+  draw = lambda c: jax.random.normal(jax.random.fold_in(key, c), (ipc, *image_shape))
+  return jax.vmap(draw)(jnp.asarray(class_ids, jnp.int32))
+
+
+def init_state(images: jax.Array, options: RecoverOptions) -> RecoverState:
+  images = jnp.asarray(images, jnp.float32)
+  return RecoverState(images, make_optimizer(options).init(images), jnp.zeros((), jnp.int32))
+
+
+def _augment(key, images, class_ids, options: RecoverOptions):
+  """images: f32[C, k, H, W, ch] -> same shape, augmented (see module docstring for keys)."""
+  if not options.augment:
+    return images
+  c, k, h, w, ch = images.shape
+  kwargs = dict(out_hw=(h, w), scale=options.crop_scale,
+                max_shift=int(max(h, w) * options.jitter_fraction))
+  if not options.per_image:
+    flat = transforms.augment_batch(key, images.reshape(c * k, h, w, ch), per_image=False,
+                                    **kwargs)
+    return flat.reshape(images.shape)
+  per_class = lambda cid, x: transforms.augment_batch(jax.random.fold_in(key, cid), x,
+                                                      per_image=True, **kwargs)
+  return jax.vmap(per_class)(class_ids, images)
+
+
+def _class_terms(features, logits, bn_mean, bn_var, target_features, target_mean, target_var,
+                 class_id, options: RecoverOptions):
+  """Per-class loss terms for ONE class (vmapped over classes).
+
+  Args:
+    features: f32[k, d]; logits: f32[k, C_total]; bn_mean, bn_var: tuples of f32[k, ch_l]
+      per-sample moments; target_features: f32[k, d]; target_mean/var: tuples of f32[ch_l].
+  """
+  zero = jnp.zeros((), jnp.float32)
+  feat = zero
+  if options.feature_target == "barycenter":
+    feat = jnp.sqrt(jnp.sum(jnp.square(features - target_features)))
+  bn = zero
+  if options.bn_stats == "class":
+    for m, v, tm, tv in zip(bn_mean, bn_var, target_mean, target_var):
+      mu, var = pool_moments(m, v, axis=0)
+      bn = bn + jnp.linalg.norm(mu - tm) + jnp.linalg.norm(var - tv)
+  ce = zero
+  if options.r_ce:
+    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        logits, jnp.broadcast_to(class_id, logits.shape[:1])))
+  return {"feature": feat, "bn": bn, "ce": ce}
+
+
+def chunk_loss(
+    images: jax.Array,
+    variables: dict[str, Any],
+    targets: RecoverTargets,
+    class_ids: jax.Array,
+    key: jax.Array,
+    *,
+    model: nn.Module,
+    options: RecoverOptions,
+):
+  """Loss of a chunk of classes.
+
+  Args:
+    images: f32[C, k, H, W, ch] synthetic images (normalised).
+    variables: the teacher's variables.
+    targets: the chunk's targets (``RecoverTargets.take``).
+    class_ids: i32[C] the chunk's class indices (for CE labels and per-class keys).
+    key: this step's augmentation key.
+    model: the teacher module.
+    options: RecoverOptions.
+
+  Returns:
+    (total loss f32[], aux) with aux = {"class_loss": f32[C], "feature": f32[C], "bn": f32[C],
+    "ce": f32[C]} (the global BN term, when used, is spread evenly over the chunk's classes).
+  """
+  c, k = images.shape[:2]
+  x = _augment(key, images, class_ids, options)
+  out = apply_model(model, variables, x.reshape(c * k, *x.shape[2:]), train=False)
+  split = lambda a: a.reshape(c, k, *a.shape[1:])
+  terms = jax.vmap(
+      lambda f, lg, bm, bv, tf, tm, tv, cid: _class_terms(f, lg, bm, bv, tf, tm, tv, cid, options)
+  )(split(out.features), split(out.logits), tuple(map(split, out.bn_mean)),
+    tuple(map(split, out.bn_var)), targets.features, targets.bn_mean, targets.bn_var, class_ids)
+  if options.bn_stats == "global":
+    bn = jnp.zeros((), jnp.float32)
+    for m, v, tm, tv in zip(out.bn_mean, out.bn_var, targets.global_mean, targets.global_var):
+      mu, var = pool_moments(m, v, axis=0)
+      bn = bn + jnp.linalg.norm(mu - tm) + jnp.linalg.norm(var - tv)
+    terms["bn"] = jnp.full((c,), bn / c)
+  per_class = (options.r_feat * terms["feature"] + options.r_bn * terms["bn"]
+               + options.r_ce * terms["ce"])
+  return jnp.sum(per_class), dict(terms, class_loss=per_class)
+
+
+def clip_to_valid(images: jax.Array, mean: Any, std: Any) -> jax.Array:
+  return transforms.clip_to_valid(images, jnp.asarray(mean), jnp.asarray(std))
+
+
+def make_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: Any
+                   ) -> Callable[..., tuple[RecoverState, dict[str, jax.Array]]]:
+  """Builds ``run(state, variables, targets, class_ids, key, num_steps)``, jitted.
+
+  ``run`` performs ``num_steps`` (static) Adam steps in one ``lax.scan``, donating ``state``, and
+  returns the new state and per-step metrics {"loss": f32[n], "class_loss": f32[n, C],
+  "feature": f32[n], "bn": f32[n], "ce": f32[n]} (unweighted terms and the weighted loss, each
+  averaged over the chunk's classes).
+  """
+  tx = make_optimizer(options)
+  grad_fn = jax.grad(chunk_loss, has_aux=True)
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+
+  def one_step(carry, _, variables, targets, class_ids, key):
+    state = carry
+    step_key = jax.random.fold_in(key, state.step)
+    grads, aux = grad_fn(state.images, variables, targets, class_ids, step_key, model=model,
+                         options=options)
+    updates, opt_state = tx.update(grads, state.opt_state, state.images)
+    images = transforms.clip_to_valid(optax.apply_updates(state.images, updates), mean, std)
+    metrics = {"loss": jnp.mean(aux["class_loss"]), "class_loss": aux["class_loss"],
+               "feature": jnp.mean(aux["feature"]), "bn": jnp.mean(aux["bn"]),
+               "ce": jnp.mean(aux["ce"])}
+    return RecoverState(images, opt_state, state.step + 1), metrics
+
+  def run(state, variables, targets, class_ids, key, num_steps):
+    body = lambda carry, x: one_step(carry, x, variables, targets, class_ids, key)
+    return jax.lax.scan(body, state, None, length=num_steps)
+
+  return jax.jit(run, static_argnames=("num_steps",), donate_argnums=(0,))
+
+
+def check_finite(metrics: dict[str, np.ndarray], class_ids: np.ndarray, first_step: int):
+  """Raises NonFiniteError naming the first class and step whose loss is NaN/Inf."""
+  losses = np.asarray(metrics["class_loss"])
+  bad = ~np.isfinite(losses)
+  if bad.any():
+    s, c = np.argwhere(bad)[0]
+    raise NonFiniteError(
+        f"recover loss became {losses[s, c]} for class {int(class_ids[c])} at step "
+        f"{first_step + int(s)}. Lower recover.lr or the loss coefficients (r_bn), or check the "
+        "teacher and statistics for NaN.")
+
+
+def recover(
+    model: nn.Module,
+    variables: dict[str, Any],
+    targets: RecoverTargets,
+    *,
+    ipc: int,
+    image_shape: Sequence[int],
+    mean: Any,
+    std: Any,
+    options: RecoverOptions,
+    key: jax.Array,
+    class_chunk: int = 0,
+    initial_images: np.ndarray | None = None,
+    resume: Callable[[int, RecoverState], RecoverState | None] | None = None,
+    on_block: Callable[[int, RecoverState, dict[str, np.ndarray]], None] | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """Runs the recover stage over all classes, ``class_chunk`` classes at a time.
+
+  Args:
+    model, variables: the teacher (eval mode).
+    targets: RecoverTargets for all C classes.
+    ipc: images per class k.
+    image_shape: (H, W, ch).
+    mean, std: per-channel normalisation constants (pixel scale), for clipping.
+    options: RecoverOptions.
+    key: the recover stage's key; split into "init" and "augment" by name (fold_in).
+    class_chunk: classes optimised together; 0 = all at once.
+    initial_images: f32[C, k, H, W, ch] normalised, required when options.init == "real".
+    resume: ``resume(chunk_index, fresh_state) -> RecoverState | None``: a saved state to
+      continue from (``fresh_state`` gives the structure to restore into), or None.
+    on_block: called after every ``steps_per_call`` block with (chunk_index, state, metrics of
+      the block); use it to checkpoint or log.
+    progress: show a tqdm bar.
+
+  Returns:
+    (images f32[C, k, H, W, ch], history) with history {"loss", "feature", "bn", "ce"}: f32[T]
+    per step, averaged over classes (NaN for steps a resumed run did not see).
+
+  Raises:
+    ShapeError: targets that disagree with ipc or with each other.
+    NonFiniteError: a NaN/Inf loss (names the class and step).
+  """
+  num_classes = int(targets.bn_mean[0].shape[0]) if targets.bn_mean else int(
+      targets.features.shape[0])
+  if options.feature_target == "barycenter" and tuple(targets.features.shape[:2]) != (
+      num_classes, ipc):
+    raise ShapeError(f"barycenter targets have shape {tuple(targets.features.shape)}, expected "
+                     f"[{num_classes}, {ipc}, d]: compute barycenters with num_support=ipc.")
+  if options.init == "real" and initial_images is None:
+    raise ConfigError("recover init='real' needs initial_images (random real images per class).")
+  chunk = class_chunk or num_classes
+  init_key = jax.random.fold_in(key, 0)
+  aug_key = jax.random.fold_in(key, 1)
+  run = make_update_fn(model, options, mean, std)
+  images_out = np.zeros((num_classes, ipc, *image_shape), np.float32)
+  # history[name][chunk, step]; NaN where a resumed chunk's earlier steps were not seen.
+  names = ("loss", "feature", "bn", "ce")
+  chunk_count = -(-num_classes // chunk)
+  history = {k: np.full((chunk_count, options.iterations), np.nan, np.float32) for k in names}
+  chunks = [np.arange(s, min(s + chunk, num_classes)) for s in range(0, num_classes, chunk)]
+  bar = tqdm(total=len(chunks) * options.iterations, desc="recover", unit="step",
+             disable=not progress, leave=False)
+  for index, class_ids in enumerate(chunks):
+    if options.init == "real":
+      start = jnp.asarray(initial_images[class_ids], jnp.float32)
+    else:
+      start = init_images(init_key, class_ids, ipc, image_shape)
+    state = init_state(start, options)
+    if resume is not None:
+      state = resume(index, state) or state
+    chunk_targets = jax.tree.map(jnp.asarray, targets.take(class_ids))
+    ids = jnp.asarray(class_ids, jnp.int32)
+    done = int(state.step)
+    bar.update(done)
+    while done < options.iterations:
+      n = min(options.steps_per_call, options.iterations - done)
+      state, metrics = run(state, variables, chunk_targets, ids, aug_key, num_steps=n)
+      metrics = jax.device_get(metrics)
+      check_finite(metrics, class_ids, done)
+      for k in names:
+        history[k][index, done:done + n] = metrics[k]
+      done += n
+      bar.update(n)
+      bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4g}", chunk=index)
+      if on_block is not None:
+        on_block(index, state, metrics)
+    images_out[class_ids] = np.asarray(state.images)
+  bar.close()
+  with np.errstate(all="ignore"):
+    return images_out, {k: np.nanmean(v, axis=0) for k, v in history.items()}
