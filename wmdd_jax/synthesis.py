@@ -339,7 +339,10 @@ def recover(
   names = ("loss", "feature", "bn", "ce")
   chunk_count = -(-num_classes // chunk)
   history = {k: np.full((chunk_count, options.iterations), np.nan, np.float32) for k in names}
-  chunks = [np.arange(s, min(s + chunk, num_classes)) for s in range(0, num_classes, chunk)]
+  # The last chunk is padded with repeats of its last class so every chunk has one compiled
+  # shape; the repeats are dropped (classes are independent, so they change nothing).
+  chunks = [np.minimum(np.arange(s, s + chunk), num_classes - 1)
+            for s in range(0, num_classes, chunk)]
   bar = tqdm(total=len(chunks) * options.iterations, desc="recover", unit="step",
              disable=not progress, leave=False)
   for index, class_ids in enumerate(chunks):
@@ -366,7 +369,8 @@ def recover(
       bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4g}", chunk=index)
       if on_block is not None:
         on_block(index, state, metrics)
-    images_out[class_ids] = np.asarray(state.images)
+    real = np.concatenate([[True], class_ids[1:] != class_ids[:-1]])
+    images_out[class_ids[real]] = np.asarray(state.images)[real]
   bar.close()
   with np.errstate(all="ignore"):
     return images_out, {k: np.nanmean(v, axis=0) for k, v in history.items()}

@@ -1,0 +1,44 @@
+"""Datasets (tfds:, folder:, idx:, npz:, digits) streamed as u8 batches, and JAX transforms.
+
+    ds = open_dataset("idx:../shared/datasets/fashion-mnist", val_fraction=0.1)
+    for images, labels in ds.iter_batches("train", 256, shuffle=True, seed=epoch):
+      x = normalize(images, ds.mean, ds.std)  # u8[B, H, W, ch] -> f32, normalised
+"""
+
+from wmdd_jax.data.dataset import NORMALIZATION, Dataset, open_dataset
+from wmdd_jax.data.transforms import (
+    augment_batch,
+    clip_to_valid,
+    crop_and_resize,
+    denormalize,
+    flip,
+    jitter,
+    normalize,
+    pad_and_random_crop,
+    random_flip,
+    random_resized_crop,
+    resize_center_crop,
+    roll_shift,
+    sample_crop_box,
+    to_float,
+)
+
+__all__ = [
+    "NORMALIZATION",
+    "Dataset",
+    "augment_batch",
+    "clip_to_valid",
+    "crop_and_resize",
+    "denormalize",
+    "flip",
+    "jitter",
+    "normalize",
+    "open_dataset",
+    "pad_and_random_crop",
+    "random_flip",
+    "random_resized_crop",
+    "resize_center_crop",
+    "roll_shift",
+    "sample_crop_box",
+    "to_float",
+]

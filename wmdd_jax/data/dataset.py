@@ -1,0 +1,761 @@
+"""The :class:`Dataset` every source is read through, and :func:`open_dataset`.
+
+A dataset is a *source* (tfds, image folder, IDX files, an ``.npz`` archive, sklearn digits) that
+knows how to list labels and read images by index, wrapped by :class:`Dataset`, which adds what
+every source shares: resizing, label checks, the seeded ``val`` hold-out, per-channel
+normalisation constants, class filtering, shuffling, multi-process sharding and batching.
+
+Images always come out as ``u8[B, H, W, ch]`` numpy arrays and labels as ``i32[B]``; turning them
+into normalised float arrays is :mod:`wmdd_jax.data.transforms`' job.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from wmdd_jax.errors import ConfigError, DataError, DatasetNotFoundError
+
+# Published per-channel constants in [0, 1] pixel scale. CIFAR-10's std is the one the SRe2L/WMDD
+# code uses (the widely copied 0.2023..., not the true pixel std 0.247...), so teachers trained
+# here match theirs; ImageNet's are used for its subsets (ImageNette, Tiny-ImageNet) as WMDD does.
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+SPEC_FORMS = (
+    "tfds:<name>[/<config>][:<version>]",
+    "folder:<root>  (layout <root>/<split>/<class>/<image>)",
+    "idx:<dir>  (MNIST-format train-/t10k- IDX files)",
+    "npz:<file>  (x_train, y_train, x_test, y_test[, class_names])",
+    "digits  (sklearn's 8x8 digits, embedded)",
+)
+
+# Options every source accepts; each source adds its own (see open_dataset).
+COMMON_OPTIONS = ("resize", "val_fraction", "seed", "normalization", "load_split_max_bytes")
+
+VAL_SPLIT = "val"
+
+
+def known_normalization(name: str) -> str | None:
+  """Maps a dataset name (tfds name, folder or file name) to a key of NORMALIZATION, or None."""
+  key = "".join(ch for ch in name.lower() if ch.isalnum())
+  if key.startswith("fashion") and "mnist" in key:
+    return "fashion_mnist"
+  if key in ("mnist",) or (key.startswith("mnist") and key[5:].isdigit()):
+    return "mnist"
+  if key.startswith("cifar100"):
+    return "cifar100"
+  if key.startswith("cifar10"):
+    return "cifar10"
+  if key.startswith(("imagenet", "imagenette", "imagewoof", "tinyimagenet", "imagewang")):
+    return "imagenet"
+  return None
+
+
+def parse_hw(value: Any, what: str) -> tuple[int, int]:
+  """Reads ``resize``-style options: an int (square) or an (H, W) pair of positive ints."""
+  if isinstance(value, int | np.integer) and not isinstance(value, bool):
+    value = (int(value), int(value))
+  try:
+    h, w = (int(v) for v in value)
+  except (TypeError, ValueError):
+    raise ConfigError(
+        f"{what}={value!r} is not a size; pass an int or an (H, W) pair, e.g. {what}=(32, 32)."
+    ) from None
+  if h <= 0 or w <= 0:
+    raise ConfigError(f"{what}={value!r} must be positive; pass e.g. {what}=(32, 32).")
+  return h, w
+
+
+def fit_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  """Resizes the shorter side to cover ``hw``, then centre-crops to it (bilinear, antialiased).
+
+  Args:
+    image: u8[h, w, ch].
+    hw: (H, W) wanted.
+
+  Returns:
+    u8[H, W, ch].
+  """
+  if image.shape[:2] == tuple(hw):
+    return image
+  height, width = hw
+
+  def fit_plane(plane: np.ndarray, mode: str) -> np.ndarray:
+    # ImageOps.fit crops in the source's coordinates before resampling, so no sub-pixel
+    # offset is lost to rounding an intermediate resized size.
+    out = ImageOps.fit(
+        Image.fromarray(plane, mode=mode), (width, height), method=Image.Resampling.BILINEAR
+    )
+    return np.asarray(out)
+
+  ch = image.shape[2]
+  if ch == 3:
+    return fit_plane(np.ascontiguousarray(image), "RGB")
+  planes = [fit_plane(np.ascontiguousarray(image[..., i]), "L") for i in range(ch)]
+  return np.stack(planes, axis=-1)
+
+
+def stratified_holdout(
+    labels: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+  """Splits positions ``0..N-1`` into (kept, held out), ``fraction`` of every class held out.
+
+  Each class with at least two examples gives ``round(n_c * fraction)`` examples, at least one
+  and at most ``n_c - 1``, so both parts see every such class. Both index arrays are sorted.
+
+  Args:
+    labels: i32[N].
+    fraction: in (0, 1).
+    rng: the seeded generator that picks which examples.
+
+  Returns:
+    (kept i64[N - M], held i64[M]).
+  """
+  held = []
+  for c in np.unique(labels):
+    where = np.flatnonzero(labels == c)
+    n = len(where)
+    if n < 2:
+      continue
+    take = min(max(int(round(n * fraction)), 1), n - 1)
+    held.append(rng.permutation(where)[:take])
+  held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+  mask = np.ones(len(labels), bool)
+  mask[held_idx] = False
+  return np.flatnonzero(mask), held_idx
+
+
+class Source(abc.ABC):
+  """What a backend provides. Indices are positions within one of the source's own splits."""
+
+  #: Whether :meth:`read` may be called with any indices (else only :meth:`stream` works).
+  random_access: bool = True
+  #: Names the example whose size set ``native_shape`` (for mixed-size errors), if any.
+  shape_reference: str | None = None
+
+  def __init__(self, spec: str):
+    self.spec = spec
+
+  @property
+  @abc.abstractmethod
+  def splits(self) -> tuple[str, ...]:
+    """The split names, e.g. ('train', 'test')."""
+
+  @property
+  @abc.abstractmethod
+  def class_names(self) -> list[str]:
+    """One name per class, in label order."""
+
+  @property
+  @abc.abstractmethod
+  def native_shape(self) -> tuple[int | None, int | None, int]:
+    """(H, W, ch) of the stored images; H and W are None when they vary."""
+
+  @abc.abstractmethod
+  def labels(self, split: str) -> np.ndarray:
+    """All labels of ``split`` as an integer array [N] (not yet range-checked)."""
+
+  def read(
+      self, split: str, indices: np.ndarray, fit: Callable[[np.ndarray], np.ndarray] | None = None
+  ) -> np.ndarray | list[np.ndarray]:
+    """Images at ``indices``: u8[B, H, W, ch], or a list of u8[h, w, ch] of possibly mixed sizes.
+
+    ``fit``, when given, is the resize the dataset will apply; a source that decodes in worker
+    threads may apply it there (the dataset skips images already of the right size).
+    """
+    raise NotImplementedError
+
+  def stream(self, split: str) -> Iterator[np.ndarray]:
+    """All images of ``split`` in index order (for sources without random access)."""
+    raise NotImplementedError
+
+  def describe(self, split: str, index: int) -> str:
+    """Names one example for error messages (a file path where there is one)."""
+    return f"example {index} of split {split!r} of {self.spec}"
+
+  def default_normalization(self) -> str | None:
+    """A key of NORMALIZATION when the data is a known dataset."""
+    return None
+
+  def stats_cache_path(self) -> str | None:
+    """Where computed mean/std may be stored between runs (None: memory only)."""
+    return None
+
+
+class Dataset:
+  """A labelled image dataset with named splits, streamed in ``u8`` batches.
+
+  Attributes:
+    spec: the spec string it was opened with.
+    num_classes: number of classes C; labels are 0..C-1.
+    class_names: C names, in label order.
+    image_shape: (H, W, ch) of every image returned.
+    splits: split names. With ``val_fraction > 0`` a ``"val"`` split is held out of ``"train"``.
+    mean, std: per-channel normalisation constants in [0, 1] pixel scale (tuples of ch floats).
+  """
+
+  def __init__(
+      self,
+      source: Source,
+      *,
+      resize: Any = None,
+      val_fraction: float = 0.0,
+      seed: int = 0,
+      normalization: Any = None,
+      load_split_max_bytes: int = 8 << 30,
+  ):
+    self._source = source
+    self.spec = source.spec
+    self.class_names = [str(n) for n in source.class_names]
+    self.num_classes = len(self.class_names)
+    if self.num_classes < 1:
+      raise DataError(f"{self.spec} has no classes; check that it holds labelled images.")
+    self._resize = None if resize is None else parse_hw(resize, "resize")
+    native_h, native_w, ch = source.native_shape
+    if self._resize is not None:
+      self.image_shape = (*self._resize, int(ch))
+    elif native_h is None or native_w is None:
+      raise ConfigError(
+          f"{self.spec} stores images of varying size; pass resize=(H, W) to open_dataset, "
+          "e.g. resize=(224, 224)."
+      )
+    else:
+      self.image_shape = (int(native_h), int(native_w), int(ch))
+    self._labels: dict[str, np.ndarray] = {}
+    self._load_split_max_bytes = int(load_split_max_bytes)
+    self._seed = int(seed)
+
+    # A split of this dataset is a view (source split, source indices); the val hold-out only
+    # re-slices the source's train split.
+    self._views: dict[str, tuple[str, np.ndarray | None]] = {s: (s, None) for s in source.splits}
+    val_fraction = float(val_fraction)
+    if not 0.0 <= val_fraction < 1.0:
+      raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1); e.g. val_fraction=0.1.")
+    self.val_fraction = val_fraction
+    if val_fraction > 0:
+      if "train" not in self._views:
+        raise ConfigError(
+            f"val_fraction needs a 'train' split but {self.spec} has {list(source.splits)}; "
+            "drop val_fraction or add a train split."
+        )
+      if VAL_SPLIT in self._views:
+        raise ConfigError(
+            f"{self.spec} already has a {VAL_SPLIT!r} split; drop val_fraction to use it."
+        )
+      # A stream of its own, so the hold-out does not depend on what else the seed drives.
+      rng = np.random.default_rng([self._seed, 0x7A1])
+      kept, held = stratified_holdout(self._source_labels("train"), val_fraction, rng)
+      self._views["train"] = ("train", kept)
+      self._views[VAL_SPLIT] = ("train", held)
+    self.splits = tuple(self._views)
+    self._normalization_option = normalization
+    self._mean_std: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+  def __repr__(self) -> str:
+    return (
+        f"Dataset({self.spec!r}, num_classes={self.num_classes}, image_shape={self.image_shape}, "
+        f"splits={ {s: self.num_examples(s) for s in self.splits} })"
+    )
+
+  # ----------------------------------------------------------------------------- labels, counts
+
+  def _source_labels(self, src_split: str) -> np.ndarray:
+    if src_split not in self._labels:
+      raw = np.asarray(self._source.labels(src_split))
+      if raw.ndim != 1:
+        raise DataError(
+            f"labels of split {src_split!r} of {self.spec} have shape {raw.shape}, expected [N]; "
+            "store one integer class index per image."
+        )
+      if raw.size and not np.issubdtype(raw.dtype, np.integer):
+        if not np.all(np.equal(np.mod(raw, 1), 0)):
+          raise DataError(
+              f"labels of split {src_split!r} of {self.spec} are not integers (dtype "
+              f"{raw.dtype}); store class indices 0..{self.num_classes - 1}."
+          )
+      bad = np.flatnonzero((raw < 0) | (raw >= self.num_classes))
+      if bad.size:
+        i = int(bad[0])
+        raise DataError(
+            f"label {raw[i]} of {self._source.describe(src_split, i)} is outside 0.."
+            f"{self.num_classes - 1} ({bad.size} labels out of range); fix the labels or pass "
+            "class_names listing every class."
+        )
+      self._labels[src_split] = raw.astype(np.int32)
+    return self._labels[src_split]
+
+  def _view(self, split: str) -> tuple[str, np.ndarray]:
+    if split not in self._views:
+      raise DatasetNotFoundError(
+          f"{self.spec} has no split {split!r}; it has {list(self.splits)}. Use one of those"
+          + ("." if self.val_fraction else ", or pass val_fraction=0.1 to hold out a 'val' split.")
+      )
+    src_split, idx = self._views[split]
+    if idx is None:
+      idx = np.arange(len(self._source_labels(src_split)))
+      self._views[split] = (src_split, idx)
+    return src_split, idx
+
+  def labels(self, split: str) -> np.ndarray:
+    """All labels of ``split``: i32[N], in index order."""
+    src_split, idx = self._view(split)
+    return self._source_labels(src_split)[idx]
+
+  def num_examples(self, split: str) -> int:
+    """Number of examples in ``split``."""
+    return len(self._view(split)[1])
+
+  def class_counts(self, split: str) -> list[int]:
+    """Examples per class in ``split``: C ints."""
+    return np.bincount(self.labels(split), minlength=self.num_classes).tolist()
+
+  # ------------------------------------------------------------------------------ normalisation
+
+  @property
+  def mean(self) -> tuple[float, ...]:
+    """Per-channel mean in [0, 1] pixel scale (published, or computed on the train split)."""
+    return self._resolve_mean_std()[0]
+
+  @property
+  def std(self) -> tuple[float, ...]:
+    """Per-channel standard deviation in [0, 1] pixel scale."""
+    return self._resolve_mean_std()[1]
+
+  def _resolve_mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if self._mean_std is not None:
+      return self._mean_std
+    option = self._normalization_option
+    ch = self.image_shape[2]
+    if option is None:
+      option = self._source.default_normalization() or "computed"
+    if isinstance(option, str):
+      if option == "computed":
+        mean_std = self._computed_mean_std()
+      elif option in NORMALIZATION:
+        mean_std = NORMALIZATION[option]
+      else:
+        raise ConfigError(
+            f"normalization={option!r} is unknown; use one of {sorted(NORMALIZATION)}, "
+            "'computed', or a (mean, std) pair of per-channel tuples."
+        )
+    else:
+      try:
+        mean, std = option
+        mean_std = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
+      except (TypeError, ValueError):
+        raise ConfigError(
+            f"normalization={option!r} is not a (mean, std) pair; pass e.g. "
+            "normalization=((0.5,), (0.25,))."
+        ) from None
+    mean, std = mean_std
+    if len(mean) == 1 and ch > 1:  # A grey constant used for colour images: repeat it.
+      mean, std = mean * ch, std * ch
+    if len(mean) != ch or len(std) != ch:
+      raise ConfigError(
+          f"normalization has {len(mean)} means and {len(std)} stds for {ch}-channel images of "
+          f"{self.spec}; give one per channel or normalization='computed'."
+      )
+    if min(std) <= 0:
+      raise ConfigError(f"normalization std {std} must be positive; use 'computed'.")
+    self._mean_std = (tuple(mean), tuple(std))
+    return self._mean_std
+
+  def _stats_key(self, split: str) -> str:
+    parts = [self.spec, self.image_shape, self.val_fraction, self._seed, self.num_examples(split)]
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
+
+  def _computed_mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    split = "train" if "train" in self._views else self.splits[0]
+    cache = self._source.stats_cache_path()
+    key = self._stats_key(split)
+    if cache is not None:
+      try:
+        with open(cache) as f:
+          entry = json.load(f).get(key)
+        if entry is not None:
+          return tuple(entry["mean"]), tuple(entry["std"])
+      except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # An absent or stale cache only costs a recomputation.
+    ch = self.image_shape[2]
+    total = np.zeros(ch, np.float64)
+    total_sq = np.zeros(ch, np.float64)
+    count = 0
+    for images, _ in self.iter_batches(split, 512):
+      x = images.reshape(-1, ch).astype(np.float64) / 255.0
+      total += x.sum(0)
+      total_sq += np.square(x).sum(0)
+      count += x.shape[0]
+    if count == 0:
+      raise DataError(f"split {split!r} of {self.spec} is empty; cannot compute mean/std.")
+    mean = total / count
+    # In float64 over [0, 1] pixels E[x^2] - E[x]^2 loses nothing that matters here.
+    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    std = np.where(std > 0, std, 1.0)  # A constant channel: avoid dividing by zero later.
+    result = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if cache is not None:
+      try:
+        try:
+          with open(cache) as f:
+            table = json.load(f)
+          if not isinstance(table, dict):
+            table = {}
+        except (OSError, ValueError):
+          table = {}
+        table[key] = {"mean": list(result[0]), "std": list(result[1]), "spec": self.spec}
+        tmp = f"{cache}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+          json.dump(table, f, indent=1)
+        os.replace(tmp, cache)
+      except OSError:
+        pass  # Read-only data: keep the in-memory result only.
+    return result
+
+  # ----------------------------------------------------------------------------------- reading
+
+  def _read(self, src_split: str, indices: np.ndarray) -> np.ndarray:
+    """Reads source images, resizes them and stacks them into u8[B, H, W, ch]."""
+    fit = None if self._resize is None else functools.partial(fit_image, hw=self._resize)
+    images = self._source.read(src_split, indices, fit)
+    if isinstance(images, np.ndarray) and images.shape[1:] == self.image_shape:
+      return images
+    if fit is not None:
+      images = [fit(np.asarray(im)) for im in images]
+    out = np.empty((len(indices), *self.image_shape), np.uint8)
+    for k, im in enumerate(images):
+      if im.shape != self.image_shape:
+        first = self._source.shape_reference or self._source.describe(src_split, 0)
+        raise DataError(
+            f"{self._source.describe(src_split, int(indices[k]))} is {_size(im.shape)} but "
+            f"{first} is {_size(self.image_shape)}; images of one dataset must share a size: "
+            f"pass resize=({self.image_shape[0]}, {self.image_shape[1]}) to open_dataset."
+        )
+      out[k] = im
+    return out
+
+  def _positions(
+      self,
+      split: str,
+      batch_size: int,
+      classes: Sequence[int] | None,
+      shuffle: bool,
+      seed: int,
+      drop_remainder: bool,
+      process_index: int,
+      process_count: int,
+  ) -> np.ndarray:
+    """Positions within ``split`` this process reads, in order."""
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+      raise ConfigError(f"batch_size={batch_size!r} must be a positive int.")
+    if not (0 <= process_index < process_count):
+      raise ConfigError(
+          f"process_index={process_index} must be in [0, process_count={process_count}); pass "
+          "jax.process_index() and jax.process_count()."
+      )
+    labels = self.labels(split)
+    positions = np.arange(len(labels))
+    if classes is not None:
+      classes = np.atleast_1d(np.asarray(classes, np.int64))
+      bad = classes[(classes < 0) | (classes >= self.num_classes)]
+      if bad.size:
+        raise ConfigError(
+            f"classes {bad.tolist()} are outside 0..{self.num_classes - 1} for {self.spec}."
+        )
+      positions = positions[np.isin(labels, classes)]
+    if shuffle:
+      positions = np.random.default_rng(seed).permutation(positions)
+    if drop_remainder:
+      # Equal whole batches on every process, so multi-process loops run in lockstep.
+      step = batch_size * process_count
+      positions = positions[: len(positions) // step * step]
+    return positions[process_index::process_count]
+
+  def iter_batches(
+      self,
+      split: str,
+      batch_size: int,
+      *,
+      classes: Sequence[int] | None = None,
+      shuffle: bool = False,
+      seed: int = 0,
+      drop_remainder: bool = False,
+      process_index: int = 0,
+      process_count: int = 1,
+  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Streams ``split`` in batches; only one batch is decoded at a time.
+
+    The global order (all classes or the ``classes`` subset, permuted by ``seed`` when
+    ``shuffle``) is the same on every process; process ``p`` of ``P`` takes positions ``p, p+P,
+    ...`` of it, so the shards are disjoint and together cover the selection. Without
+    ``drop_remainder`` shard sizes differ by at most one and the last batch may be short; with it,
+    the selection is cut to a multiple of ``batch_size * P`` so every process gets the same number
+    of full batches. For a new order every epoch pass e.g. ``seed=hash((seed, epoch))``.
+
+    Args:
+      split: a name in :attr:`splits`.
+      batch_size: images per batch (per process).
+      classes: class indices to keep (None: all). Labels keep their original values.
+      shuffle: permute the order with ``seed`` (sources without random access shuffle within a
+        window; see ``tfds:`` with ``reader='tf'``).
+      seed: the permutation's seed.
+      drop_remainder: drop the incomplete tail (see above).
+      process_index: this process's index, ``jax.process_index()``.
+      process_count: number of processes, ``jax.process_count()``.
+
+    Yields:
+      (images u8[B, H, W, ch], labels i32[B]).
+    """
+    # Arguments are checked here, at the call, not when the first batch is asked for.
+    positions = self._positions(
+        split, batch_size, classes, shuffle, seed, drop_remainder, process_index, process_count
+    )
+    src_split, idx = self._view(split)
+    labels = self.labels(split)
+    if self._source.random_access:
+      return self._iter_random(src_split, idx, labels, positions, batch_size)
+    return self._iter_stream(src_split, idx, labels, positions, batch_size, shuffle, seed)
+
+  def _iter_random(
+      self,
+      src_split: str,
+      idx: np.ndarray,
+      labels: np.ndarray,
+      positions: np.ndarray,
+      batch_size: int,
+  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for start in range(0, len(positions), batch_size):
+      pos = positions[start : start + batch_size]
+      yield self._read(src_split, idx[pos]), labels[pos]
+
+  def _iter_stream(
+      self,
+      src_split: str,
+      idx: np.ndarray,
+      labels: np.ndarray,
+      positions: np.ndarray,
+      batch_size: int,
+      shuffle: bool,
+      seed: int,
+  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches for a sequential source: same examples as ``positions``, read in stored order."""
+    n_src = len(self._source_labels(src_split))
+    # Source index -> position in the view, or -1 where this process does not want it.
+    wanted = np.full(n_src, -1, np.int64)
+    wanted[idx[positions]] = positions
+    buffer_size = max(getattr(self._source, "shuffle_buffer", 10_000), batch_size)
+    rng = np.random.default_rng(seed)
+    pending_images: list[np.ndarray] = []
+    pending_labels: list[int] = []
+    remaining = len(positions)
+
+    def flush(final: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+      if shuffle:
+        perm = rng.permutation(len(pending_images))
+        pending_images[:] = [pending_images[i] for i in perm]
+        pending_labels[:] = [pending_labels[i] for i in perm]
+      while len(pending_images) >= batch_size or (final and pending_images):
+        chunk, pending_images[:batch_size] = pending_images[:batch_size], []
+        lab, pending_labels[:batch_size] = pending_labels[:batch_size], []
+        yield self._stack(src_split, chunk), np.asarray(lab, np.int32)
+
+    if remaining == 0:
+      return
+    for src_index, image in enumerate(self._source.stream(src_split)):
+      pos = wanted[src_index]
+      if pos < 0:
+        continue
+      pending_images.append(image)
+      pending_labels.append(int(labels[pos]))
+      remaining -= 1
+      if remaining == 0:
+        break
+      if len(pending_images) >= (buffer_size if shuffle else batch_size):
+        yield from flush(final=False)
+    yield from flush(final=True)
+
+  def _stack(self, src_split: str, images: list[np.ndarray]) -> np.ndarray:
+    if self._resize is not None:
+      images = [fit_image(im, self._resize) for im in images]
+    for im in images:
+      if im.shape != self.image_shape:
+        raise DataError(
+            f"an image of split {src_split!r} of {self.spec} is {_size(im.shape)}, expected "
+            f"{_size(self.image_shape)}; pass resize=({self.image_shape[0]}, "
+            f"{self.image_shape[1]}) to open_dataset."
+        )
+    return np.stack(images).astype(np.uint8, copy=False)
+
+  def iter_class(
+      self,
+      split: str,
+      c: int,
+      batch_size: int,
+      *,
+      shuffle: bool = False,
+      seed: int = 0,
+      drop_remainder: bool = False,
+      process_index: int = 0,
+      process_count: int = 1,
+  ) -> Iterator[np.ndarray]:
+    """Streams the images of class ``c`` only: yields u8[B, H, W, ch] (see :meth:`iter_batches`)."""
+    batches = self.iter_batches(
+        split,
+        batch_size,
+        classes=[c],
+        shuffle=shuffle,
+        seed=seed,
+        drop_remainder=drop_remainder,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    return (images for images, _ in batches)
+
+  def load_split(
+      self, split: str, classes: Sequence[int] | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Loads a whole (small) split into memory, in index order.
+
+    Args:
+      split: a name in :attr:`splits`.
+      classes: class indices to keep (None: all).
+
+    Returns:
+      (images u8[N, H, W, ch], labels i32[N]).
+    """
+    labels = self.labels(split)
+    n = len(labels) if classes is None else int(np.isin(labels, np.atleast_1d(classes)).sum())
+    nbytes = n * int(np.prod(self.image_shape))
+    if nbytes > self._load_split_max_bytes:
+      raise ConfigError(
+          f"split {split!r} of {self.spec} needs {nbytes / 2**30:.1f} GiB in memory; stream it "
+          "with iter_batches() instead, or raise load_split_max_bytes= in open_dataset."
+      )
+    images = np.empty((n, *self.image_shape), np.uint8)
+    out_labels = np.empty((n,), np.int32)
+    k = 0
+    for batch, lab in self.iter_batches(split, 1024, classes=classes):
+      images[k : k + len(lab)] = batch
+      out_labels[k : k + len(lab)] = lab
+      k += len(lab)
+    return images, out_labels
+
+
+def _size(shape: Sequence[int]) -> str:
+  return f"{shape[0]}x{shape[1]}x{shape[2]} (HxWxch)"
+
+
+_SOURCE_OPTIONS = {
+    "tfds": ("data_dir", "download", "reader", "image_key", "label_key", "shuffle_buffer"),
+    "folder": ("channels", "num_workers", "verify", "stats_cache"),
+    "idx": ("variant", "class_names"),
+    "npz": ("class_names",),
+    "digits": ("test_fraction",),
+}
+
+
+def open_dataset(spec: str, **options: Any) -> Dataset:
+  """Opens a labelled image dataset.
+
+  Specs:
+    ``tfds:<name>[/<config>]``: a TensorFlow Datasets dataset prepared in ``data_dir`` (read with
+    ``tfds.data_source``, no TensorFlow needed, when it is stored as array_record; else through
+    ``tf.data``). Options: ``data_dir``, ``download`` (default False: offline), ``reader``
+    ('auto', 'data_source' or 'tf'), ``image_key``/``label_key`` (default: the supervised keys),
+    ``shuffle_buffer`` (window of the 'tf' reader's shuffle).
+
+    ``folder:<root>``: ``<root>/<split>/<class>/<image>`` (PNG, JPEG, ...; class index = sorted
+    class folder names of the train split; other splits may lack classes). Options:
+    ``channels`` (1 or 3; default: from the first image), ``num_workers`` (decoding threads),
+    ``verify`` (decode every image once at open time, so corrupt or mixed-size files fail now
+    rather than mid-run; default False), ``stats_cache`` (store computed mean/std in
+    ``<root>/.wmdd_stats.json``; default True). Files are only listed at open time.
+
+    ``idx:<dir>``: MNIST-format ``train-``/``t10k-`` ``images-idx3-ubyte`` and
+    ``labels-idx1-ubyte`` files, raw or ``.gz``. Options: ``variant`` ('mnist' or
+    'fashion_mnist'; default from the directory's name), ``class_names``.
+
+    ``npz:<file>``: arrays ``x_<split>`` (u8 [N, H, W] or [N, H, W, ch], or floats in [0, 1])
+    and ``y_<split>``, at least the train split; optional ``class_names``. Option
+    ``class_names``.
+
+    ``digits``: sklearn's 8x8 digits (1797 images, 0..16 scaled to 0..255), split stratified
+    and seeded. Option ``test_fraction`` (default 0.25).
+
+  Options every spec takes: ``resize`` ((H, W) or an int: shorter side resized to cover it, then
+  centre-cropped), ``val_fraction`` (seeded stratified hold-out of train exposed as split
+  ``"val"``; default 0), ``seed`` (for ``val`` and the digits split; default 0),
+  ``normalization`` (a key of NORMALIZATION, 'computed' or a (mean, std) pair; default: the
+  published constants of a known dataset, else computed on train), ``load_split_max_bytes``.
+
+  Args:
+    spec: one of the forms above.
+    **options: see above.
+
+  Returns:
+    A :class:`Dataset`.
+
+  Raises:
+    ConfigError: an unknown spec form or option.
+    DatasetNotFoundError: a missing path, file or dataset (the message says how to get it).
+    DataError: unusable data (corrupt or mixed-size images, bad labels, empty classes).
+  """
+  if not isinstance(spec, str):
+    raise ConfigError(f"spec must be a string such as 'digits', got {spec!r}.")
+  kind, sep, arg = spec.partition(":")
+  kind = kind.strip().lower()
+  if kind not in _SOURCE_OPTIONS or (kind != "digits" and not arg.strip()):
+    forms = "\n  ".join(SPEC_FORMS)
+    raise ConfigError(f"unknown dataset spec {spec!r}; valid forms are:\n  {forms}")
+  if kind == "digits" and arg.strip():
+    raise ConfigError(f"spec {spec!r}: 'digits' takes no argument; use spec='digits'.")
+  allowed = COMMON_OPTIONS + _SOURCE_OPTIONS[kind]
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise ConfigError(
+        f"unknown option(s) {unknown} for a {kind!r} dataset; it accepts {sorted(allowed)}."
+    )
+  common = {k: options[k] for k in COMMON_OPTIONS if k in options}
+  own = {k: options[k] for k in _SOURCE_OPTIONS[kind] if k in options}
+  arg = arg.strip()
+  source: Source
+  verify = bool(own.pop("verify", False))
+  if kind == "tfds":
+    from wmdd_jax.data.tfds_source import TfdsSource
+
+    source = TfdsSource(spec, arg, **own)
+  elif kind == "folder":
+    from wmdd_jax.data.folder import FolderSource
+
+    source = FolderSource(spec, arg, channels=own.pop("channels", None), **own)
+  elif kind == "idx":
+    from wmdd_jax.data.arrays import IdxSource
+
+    source = IdxSource(spec, arg, **own)
+  elif kind == "npz":
+    from wmdd_jax.data.arrays import NpzSource
+
+    source = NpzSource(spec, arg, **own)
+  else:
+    from wmdd_jax.data.arrays import DigitsSource
+
+    source = DigitsSource(spec, seed=int(common.get("seed", 0)), **own)
+  dataset = Dataset(source, **common)
+  if verify:
+    # Decoding everything once surfaces corrupt and mixed-size files now rather than mid-run.
+    for split in dataset.splits:
+      for _ in dataset.iter_batches(split, 256):
+        pass
+  return dataset
