@@ -1,0 +1,388 @@
+"""Orbax checkpoints of the pipeline's artefacts.
+
+A teacher checkpoint is one Orbax directory with two items, written atomically (Orbax writes to a
+temporary directory and renames it when complete):
+
+  * ``variables``: ``{"params": ..., "batch_stats": ...}`` (StandardSave),
+  * ``meta``: a JSON object (JsonSave) with at least ``format`` (added here) and, by convention,
+    ``model``, ``model_options``, ``num_classes``, ``class_names``, ``image_shape``, ``mean``,
+    ``std`` and ``config``, enough to rebuild the network:
+    ``get_model(meta["model"], meta["num_classes"], **meta["model_options"])``.
+
+A synthetic set (:class:`SyntheticSet`) is a directory with ``arrays`` (Orbax: images, labels,
+weights) and ``meta.json`` (class names, normalisation, the config that made it), written to a
+temporary sibling and renamed into place. :class:`RecoverCheckpointer` keeps the resumable
+recover state per class chunk. :func:`export_image_folder` / :func:`import_image_folder` move
+sets to and from PNG ImageFolders that other tools (the official PyTorch code) read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from wmdd_jax.errors import CheckpointError, ConfigError, ShapeError
+
+TEACHER_FORMAT = "wmdd_jax.teacher/1"
+SYNSET_FORMAT = "wmdd_jax.synset/1"
+
+
+def save_teacher(path: str | os.PathLike, variables: dict[str, Any], meta: dict[str, Any], *,
+                 overwrite: bool = False) -> str:
+  """Writes a teacher checkpoint directory.
+
+  Args:
+    path: the directory to create (made absolute; its parent is created if needed).
+    variables: ``{"params": ..., "batch_stats": ...}`` (numpy or jax arrays).
+    meta: JSON-serialisable description (see the module docstring).
+    overwrite: replace an existing checkpoint at ``path``.
+
+  Returns:
+    The absolute path written.
+
+  Raises:
+    ConfigError: ``meta`` is not JSON-serialisable or ``variables`` lacks params.
+    CheckpointError: ``path`` exists and ``overwrite`` is False, or the write failed.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if "params" not in variables:
+    raise ConfigError("save_teacher needs variables with a 'params' entry "
+                      "(pass the {'params', 'batch_stats'} dict that training returns).")
+  meta = {**meta, "format": TEACHER_FORMAT}
+  try:
+    json.dumps(meta)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"Teacher meta is not JSON-serialisable ({e}); convert configs with "
+                      "ConfigDict.to_dict() and arrays with .tolist().") from e
+  if os.path.exists(path) and not overwrite:
+    raise CheckpointError(f"A file or checkpoint already exists at {path}; remove it, choose "
+                          "another path, or pass overwrite=True.")
+  tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+      ckpt.save(path, args=ocp.args.Composite(variables=ocp.args.StandardSave(tree),
+                                              meta=ocp.args.JsonSave(meta)), force=overwrite)
+  except Exception as e:
+    raise CheckpointError(f"Could not write the teacher checkpoint {path}: {e}. Check free disk "
+                          "space and permissions.") from e
+  return path
+
+
+def load_teacher(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Reads a checkpoint written by :func:`save_teacher`.
+
+  Args:
+    path: the checkpoint directory.
+
+  Returns:
+    ``(variables, meta)``: variables ``{"params", "batch_stats"}`` as numpy arrays, and the meta
+    dict.
+
+  Raises:
+    CheckpointError: missing, incomplete, corrupt or not a teacher checkpoint.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise CheckpointError(f"No teacher checkpoint at {path}: the directory does not exist. Train "
+                          "one with experiments/pretrain.py or fix the path.")
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+      restored = ckpt.restore(path, args=ocp.args.Composite(
+          variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    variables, meta = restored["variables"], restored["meta"]
+  except Exception as e:
+    cause = f"{type(e).__name__}: {str(e)[:300]}"
+    raise CheckpointError(f"The teacher checkpoint {path} is incomplete or corrupt ({cause}). "
+                          "Delete it and train the teacher again (experiments/pretrain.py).") from e
+  if not isinstance(meta, dict) or meta.get("format") != TEACHER_FORMAT:
+    found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    raise CheckpointError(f"{path} is not a wmdd_jax teacher checkpoint (format {found!r}, "
+                          f"expected {TEACHER_FORMAT!r}); point to a directory written by "
+                          "save_teacher.")
+  if not isinstance(variables, dict) or "params" not in variables:
+    raise CheckpointError(f"The teacher checkpoint {path} holds no 'params'; it is corrupt. "
+                          "Delete it and train the teacher again.")
+  variables = jax.tree.map(np.asarray, {"params": variables["params"],
+                                        "batch_stats": variables.get("batch_stats", {})})
+  return variables, meta
+
+
+# --- Synthetic sets -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SyntheticSet:
+  """A distilled dataset.
+
+  Attributes:
+    images: f32[C, k, H, W, ch], normalised with ``mean`` / ``std``.
+    labels: i32[C, k], the class of each image.
+    weights: f32[C, k], barycenter weights (each class's row sums to 1).
+    class_names: the C class names, in label order.
+    mean, std: per-channel normalisation constants (pixel scale [0, 1]).
+    config: the configuration that made the set (JSON-serialisable).
+  """
+
+  images: np.ndarray
+  labels: np.ndarray
+  weights: np.ndarray
+  class_names: list[str]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    images = np.asarray(self.images, np.float32)
+    if images.ndim != 5:
+      raise ShapeError(f"SyntheticSet images must be f32[C, k, H, W, ch]; got {images.shape}.")
+    c, k = images.shape[:2]
+    labels = np.asarray(self.labels, np.int32)
+    weights = np.asarray(self.weights, np.float32)
+    if labels.shape != (c, k) or weights.shape != (c, k):
+      raise ShapeError(f"SyntheticSet labels {labels.shape} and weights {weights.shape} must both "
+                       f"be [C, k] = [{c}, {k}] to match images {images.shape}.")
+    if len(self.class_names) != c:
+      raise ShapeError(f"SyntheticSet has {c} classes of images but {len(self.class_names)} "
+                       "class names.")
+    self.images, self.labels, self.weights = images, labels, weights
+    self.class_names = [str(n) for n in self.class_names]
+    self.mean = tuple(float(m) for m in self.mean)
+    self.std = tuple(float(s) for s in self.std)
+
+  @property
+  def ipc(self) -> int:
+    return int(self.images.shape[1])
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.images.shape[0])
+
+  def flat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images f32[C*k, H, W, ch], labels i32[C*k], weights f32[C*k])."""
+    c, k = self.images.shape[:2]
+    return (self.images.reshape(c * k, *self.images.shape[2:]), self.labels.reshape(-1),
+            self.weights.reshape(-1))
+
+
+def save_synthetic_set(path: str | os.PathLike, synset: SyntheticSet, *,
+                       overwrite: bool = False) -> None:
+  """Saves a SyntheticSet atomically (Orbax arrays + ``meta.json``).
+
+  The set is written to a temporary sibling directory and renamed into place, so a killed run
+  never leaves a half-written set at ``path``.
+
+  Raises:
+    CheckpointError: ``path`` exists and ``overwrite`` is False.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path) and not overwrite:
+    raise CheckpointError(f"{path} already exists; pass overwrite=True or choose another path.")
+  tmp = f"{path}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  arrays = {"images": synset.images, "labels": synset.labels, "weights": synset.weights}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(tmp, "arrays"), arrays)
+    ckptr.wait_until_finished()
+  meta = {"format": SYNSET_FORMAT, "class_names": synset.class_names, "mean": synset.mean,
+          "std": synset.std, "config": synset.config, "shape": list(synset.images.shape)}
+  with open(os.path.join(tmp, "meta.json"), "w") as f:
+    json.dump(meta, f, indent=1, default=str)
+  if os.path.exists(path):
+    old = f"{path}.old-{os.getpid()}"
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, path)
+
+
+def load_synthetic_set(path: str | os.PathLike) -> SyntheticSet:
+  """Loads a SyntheticSet saved by :func:`save_synthetic_set`.
+
+  Raises:
+    CheckpointError: missing, truncated or corrupt set (names the path and what is wrong).
+  """
+  path = os.path.abspath(os.fspath(path))
+  meta_path = os.path.join(path, "meta.json")
+  if not os.path.isfile(meta_path):
+    raise CheckpointError(f"No synthetic set at {path} (meta.json missing). Re-run the recover "
+                          "stage, or point to a directory written by save_synthetic_set.")
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+    c, k, h, w, ch = meta["shape"]
+    abstract = {
+        "images": jax.ShapeDtypeStruct((c, k, h, w, ch), np.float32),
+        "labels": jax.ShapeDtypeStruct((c, k), np.int32),
+        "weights": jax.ShapeDtypeStruct((c, k), np.float32),
+    }
+    with ocp.StandardCheckpointer() as ckptr:
+      arrays = ckptr.restore(os.path.join(path, "arrays"), abstract)
+  except Exception as e:  # noqa: BLE001 - any failure here means an unusable checkpoint
+    raise CheckpointError(f"Synthetic set at {path} is truncated or corrupt ({type(e).__name__}: "
+                          f"{e}). Delete it and re-run the recover stage.") from e
+  return SyntheticSet(np.asarray(arrays["images"]), np.asarray(arrays["labels"]),
+                      np.asarray(arrays["weights"]), meta["class_names"], meta["mean"],
+                      meta["std"], meta.get("config", {}))
+
+
+def _folder_name(index: int, name: str) -> str:
+  safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+  return f"{index:04d}_{safe}"
+
+
+def export_image_folder(root: str | os.PathLike, synset: SyntheticSet, split: str = "train"
+                        ) -> str:
+  """Writes the set as PNGs in ImageFolder layout ``root/<split>/<NNNN_class>/<j>.png``.
+
+  Folder names carry the class index so that sorted order is label order (what PyTorch's
+  ImageFolder and ``folder:`` specs assume); ``root/classes.json`` records the real names and
+  ``root/weights.json`` the barycenter weights. Returns the split directory.
+  """
+  from PIL import Image  # noqa: PLC0415 - only needed here
+
+  split_dir = os.path.join(os.fspath(root), split)
+  mean = np.asarray(synset.mean, np.float32)
+  std = np.asarray(synset.std, np.float32)
+  pixels = np.clip(np.rint((synset.images * std + mean) * 255.0), 0, 255).astype(np.uint8)
+  weights = {}
+  for c, name in enumerate(synset.class_names):
+    folder = _folder_name(c, name)
+    os.makedirs(os.path.join(split_dir, folder), exist_ok=True)
+    for j in range(synset.ipc):
+      img = pixels[c, j]
+      img = img[..., 0] if img.shape[-1] == 1 else img
+      Image.fromarray(img).save(os.path.join(split_dir, folder, f"{j:05d}.png"))
+    weights[folder] = synset.weights[c].tolist()
+  with open(os.path.join(os.fspath(root), "classes.json"), "w") as f:
+    json.dump({"class_names": synset.class_names, "mean": synset.mean, "std": synset.std}, f)
+  with open(os.path.join(os.fspath(root), "weights.json"), "w") as f:
+    json.dump(weights, f)
+  return split_dir
+
+
+def import_image_folder(root: str | os.PathLike, split: str = "train") -> SyntheticSet:
+  """Reads a set written by :func:`export_image_folder` (or any same-count ImageFolder).
+
+  Images are normalised with the constants in ``classes.json`` when present (else 0.5 / 0.5
+  per channel is an error: the constants must be known), weights come from ``weights.json`` or
+  are uniform.
+  """
+  from PIL import Image  # noqa: PLC0415
+
+  root = os.fspath(root)
+  split_dir = os.path.join(root, split)
+  if not os.path.isdir(split_dir):
+    raise CheckpointError(f"No image folder at {split_dir}; export one with export_image_folder.")
+  info_path = os.path.join(root, "classes.json")
+  if not os.path.isfile(info_path):
+    raise CheckpointError(f"{info_path} is missing: it holds the class names and normalisation "
+                          "constants. Re-export the set with export_image_folder.")
+  with open(info_path) as f:
+    info = json.load(f)
+  weights_path = os.path.join(root, "weights.json")
+  weights_map = {}
+  if os.path.isfile(weights_path):
+    with open(weights_path) as f:
+      weights_map = json.load(f)
+  folders = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+  if len(folders) != len(info["class_names"]):
+    raise CheckpointError(f"{split_dir} has {len(folders)} class folders but classes.json names "
+                          f"{len(info['class_names'])} classes.")
+  images, weights = [], []
+  for folder in folders:
+    files = sorted(os.listdir(os.path.join(split_dir, folder)))
+    try:
+      imgs = [np.asarray(Image.open(os.path.join(split_dir, folder, fn))) for fn in files]
+    except OSError as e:
+      raise CheckpointError(f"Unreadable image in {os.path.join(split_dir, folder)}: {e}") from e
+    imgs = [im[..., None] if im.ndim == 2 else im for im in imgs]
+    images.append(np.stack(imgs))
+    weights.append(weights_map.get(folder, [1.0 / len(files)] * len(files)))
+  if len({len(w) for w in weights}) != 1:
+    raise CheckpointError(f"Class folders in {split_dir} hold different numbers of images; a "
+                          "SyntheticSet needs the same count per class.")
+  pixels = np.stack(images).astype(np.float32) / 255.0
+  mean = np.asarray(info["mean"], np.float32)
+  std = np.asarray(info["std"], np.float32)
+  c, k = pixels.shape[:2]
+  return SyntheticSet((pixels - mean) / std, np.repeat(np.arange(c), k).reshape(c, k),
+                      np.asarray(weights, np.float32), info["class_names"], info["mean"],
+                      info["std"], {"imported_from": os.path.abspath(root)})
+
+
+# --- Resumable recover state ------------------------------------------------------------------
+
+
+class RecoverCheckpointer:
+  """Saves and restores the recover state of each class chunk with Orbax.
+
+  One ``CheckpointManager`` per chunk under ``directory/chunk_NNNN``, keeping the last
+  ``max_to_keep`` saves. Use :meth:`resume` and :meth:`on_block` as the ``resume`` / ``on_block``
+  callbacks of :func:`wmdd_jax.synthesis.recover`. The PRNG key is not stored: every step's key is
+  ``fold_in(key, step)``, so the restored step is all a bit-identical continuation needs.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, save_every: int, iterations: int,
+               max_to_keep: int = 2):
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.save_every = max(1, int(save_every))
+    self.iterations = int(iterations)
+    self.max_to_keep = max_to_keep
+    self._managers: dict[int, ocp.CheckpointManager] = {}
+    self._last_saved: dict[int, int] = {}
+
+  def _manager(self, chunk: int) -> ocp.CheckpointManager:
+    if chunk not in self._managers:
+      self._managers[chunk] = ocp.CheckpointManager(
+          os.path.join(self.directory, f"chunk_{chunk:04d}"),
+          options=ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep,
+                                               enable_async_checkpointing=True))
+    return self._managers[chunk]
+
+  def resume(self, chunk: int, fresh_state: Any) -> Any | None:
+    """The latest saved state of ``chunk`` (structured like ``fresh_state``), or None."""
+    manager = self._manager(chunk)
+    step = manager.latest_step()
+    if step is None:
+      return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, fresh_state)
+    try:
+      restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(
+          f"Recover checkpoint {manager.directory}/{step} is corrupt or incompatible with the "
+          f"current config ({type(e).__name__}: {e}). Delete {self.directory} to restart the "
+          "recover stage.") from e
+    self._last_saved[chunk] = step
+    return type(fresh_state)(*restored) if hasattr(fresh_state, "_fields") else restored
+
+  def on_block(self, chunk: int, state: Any, metrics: Any = None) -> None:
+    """Saves ``state`` every ``save_every`` steps (as blocks allow) and at the last step."""
+    del metrics
+    step = int(state.step)
+    if step - self._last_saved.get(chunk, 0) >= self.save_every or step >= self.iterations:
+      # A host copy: the jitted step donates the device buffers right after this returns.
+      self._manager(chunk).save(step, args=ocp.args.StandardSave(jax.device_get(state)))
+      self._last_saved[chunk] = step
+
+  def close(self) -> None:
+    for manager in self._managers.values():
+      manager.wait_until_finished()
+      manager.close()
+    self._managers.clear()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -1,0 +1,352 @@
+"""The whole WMDD run, stage by stage, resumable from its working directory.
+
+``run(config, workdir)`` is what ``experiments/distill.py`` calls. It is the one place that reads
+an ml_collections config: each stage below turns its section into the typed options of a library
+function. Every stage saves its outputs under ``workdir`` and is skipped when they are there:
+
+    teacher/           Orbax teacher (or config.teacher.checkpoint)
+    stats.npz          per-class and global BN-input statistics (+ features.npy, labels)
+    barycenter.npz     per-class barycenter support and weights
+    recover_ckpt/      resumable recover state (Orbax, every recover.checkpoint_every steps)
+    synset/            the synthetic set (Orbax + meta.json); grid.png
+    eval.json          student results; metrics.json, curves.png, summary.txt
+
+Keys: one root key ``key(config.seed)``; each stage gets ``fold_in(root, crc32(stage name))``, so
+re-running or resuming any stage reproduces it bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import zlib
+from typing import Any
+
+import jax
+import numpy as np
+
+from wmdd_jax import barycenter as barycenter_lib
+from wmdd_jax import checkpoint, relabel, report, stats, synthesis
+from wmdd_jax import train as train_lib
+from wmdd_jax.data import open_dataset
+from wmdd_jax.errors import ConfigError
+from wmdd_jax.models import get_model
+
+METHODS = ("wmdd", "sre2l", "random")
+
+
+def default_config():
+  """Every field the pipeline reads, with DESIGN section 1's defaults.
+
+  Experiment configs start from this and override what their dataset needs::
+
+      config = pipeline.default_config()
+      config.dataset.spec = "digits"
+  """
+  import ml_collections  # noqa: PLC0415 - configs are a script-level concern
+
+  c = ml_collections.ConfigDict()
+  c.method = "wmdd"            # wmdd | sre2l | random
+  c.ipc = 10
+  c.seed = 0
+  c.debug = False
+  c.dataset = ml_collections.ConfigDict({"spec": "digits", "options": {}})
+  c.teacher = ml_collections.ConfigDict({
+      "model": "convnet_d3", "model_options": {}, "checkpoint": "",
+      "epochs": 30, "batch_size": 128, "learning_rate": 0.1, "momentum": 0.9,
+      "weight_decay": 5e-4, "crop_padding": 4, "flip": True, "label_smoothing": 0.0,
+      "warmup_epochs": 0.0, "eval_every": 5,
+  })
+  c.stats = ml_collections.ConfigDict({"batch_size": 256})
+  c.barycenter = ml_collections.ConfigDict({"learn_weights": False})
+  c.recover = ml_collections.ConfigDict({
+      "iterations": 2000, "lr": 0.25, "beta1": 0.5, "beta2": 0.9, "r_feat": 1.0,
+      "r_bn": 10.0, "r_ce": 0.0, "feature_target": "barycenter", "bn_stats": "class",
+      "augment": True, "per_image": False, "crop_scale": (0.08, 1.0),
+      "jitter_fraction": 1.0 / 7.0, "init": "noise", "steps_per_call": 25,
+      "class_chunk": 0, "checkpoint_every": 100,
+  })
+  c.eval = ml_collections.ConfigDict({
+      "model": "", "model_options": {}, "epochs": 300, "batch_size": 100, "lr": 1e-3,
+      "weight_decay": 0.01, "temperature": 20.0, "eval_every": 25, "use_weights": True,
+      "crop_scale": (0.08, 1.0), "cutmix": True,
+  })
+  return c
+
+
+def stage_key(root: jax.Array, name: str) -> jax.Array:
+  """The named stage's key: independent of every other stage and of run order."""
+  return jax.random.fold_in(root, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def _to_dict(section: Any) -> dict[str, Any]:
+  if section is None:
+    return {}
+  return section.to_dict() if hasattr(section, "to_dict") else dict(section)
+
+
+def _dataclass_kwargs(cls: type, section: Any, **overrides: Any) -> dict[str, Any]:
+  """The fields of ``cls`` that ``section`` sets (lists become tuples), plus overrides."""
+  values = _to_dict(section)
+  names = {f.name for f in dataclasses.fields(cls)}
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
+  kwargs.update(overrides)
+  return kwargs
+
+
+def recover_options(config: Any) -> synthesis.RecoverOptions:
+  """RecoverOptions for ``config.method`` (the method fixes the ablation switches it implies)."""
+  method = config.method
+  overrides: dict[str, Any] = {}
+  if method == "sre2l":
+    # SRe2L: cross-entropy plus all-class BN statistics, no feature target.
+    r_ce = config.recover.get("r_ce", 0.0) or 1.0
+    overrides = dict(feature_target="none", bn_stats="global", r_ce=r_ce)
+  return synthesis.RecoverOptions(**_dataclass_kwargs(synthesis.RecoverOptions, config.recover,
+                                                      **overrides))
+
+
+class _Timer:
+  def __init__(self, timings: dict[str, float], name: str):
+    self.timings, self.name = timings, name
+
+  def __enter__(self):
+    self.start = time.perf_counter()
+
+  def __exit__(self, *exc):
+    self.timings[self.name] = round(time.perf_counter() - self.start, 3)
+
+
+def _save_npz(path: str, **arrays: Any) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def _teacher(config, dataset, workdir, root, timings, log):
+  model = get_model(config.teacher.model, dataset.num_classes,
+                    **_to_dict(config.teacher.get("model_options")))
+  path = config.teacher.get("checkpoint") or os.path.join(workdir, "teacher")
+  if os.path.exists(path):
+    variables, meta = checkpoint.load_teacher(path)
+    log(f"teacher: loaded {path}")
+    return model, variables, meta
+  with _Timer(timings, "teacher"):
+    tcfg = train_lib.TeacherConfig(**_dataclass_kwargs(train_lib.TeacherConfig, config.teacher,
+                                                       seed=int(config.seed)))
+    train = dataset.load_split("train")
+    test = dataset.load_split("test")
+    variables = train_lib.train_teacher(
+        model, train, test, tcfg, mean=dataset.mean, std=dataset.std,
+        image_shape=dataset.image_shape,
+        metrics_path=os.path.join(workdir, "teacher_metrics.jsonl"))
+    result = train_lib.evaluate(model, variables, test, mean=dataset.mean, std=dataset.std)
+    meta = {"model": config.teacher.model,
+            "model_options": _to_dict(config.teacher.get("model_options")),
+            "class_names": dataset.class_names, "dataset": config.dataset.spec,
+            "test_top1": result["top1"], "test_top5": result["top5"]}
+    checkpoint.save_teacher(path, variables, meta)
+  log(f"teacher: trained, test top-1 {meta['test_top1']:.2f}%")
+  return model, variables, meta
+
+
+def _statistics(config, dataset, model, variables, workdir, timings, log):
+  path = os.path.join(workdir, "stats.npz")
+  if os.path.exists(path):
+    data = np.load(path)
+    layers = int(data["num_layers"])
+    get = lambda name: tuple(data[f"{name}_{i}"] for i in range(layers))
+    st = stats.ClassStatistics(get("mean"), get("var"), get("global_mean"), get("global_var"),
+                               data["counts"])
+    feats = stats.Features(np.load(os.path.join(workdir, "features.npy"), mmap_mode="r"),
+                           data["labels"])
+    log("statistics: loaded")
+    return st, feats
+  batch = int(config.stats.get("batch_size", 256))
+  with _Timer(timings, "statistics"):
+    st, feats = stats.compute_class_statistics(
+        model, variables, dataset.iter_batches("train", batch), num_classes=dataset.num_classes,
+        image_shape=dataset.image_shape, mean=dataset.mean, std=dataset.std, batch_size=batch,
+        total=dataset.num_examples("train"), feature_path=os.path.join(workdir, "features.npy"))
+    arrays = {"num_layers": len(st.mean), "counts": st.counts, "labels": feats.labels}
+    for name in ("mean", "var", "global_mean", "global_var"):
+      for i, a in enumerate(getattr(st, name)):
+        arrays[f"{name}_{i}"] = a
+    _save_npz(path, **arrays)
+  log(f"statistics: {len(st.mean)} BN layers, {int(st.counts.sum())} images")
+  return st, feats
+
+
+def _barycenters(config, features, num_classes, ipc, root, workdir, timings, log):
+  path = os.path.join(workdir, "barycenter.npz")
+  if os.path.exists(path):
+    data = np.load(path)
+    log("barycenters: loaded")
+    return barycenter_lib.Barycenter(data["support"], data["weights"])
+  options = _to_dict(config.barycenter)
+  learn = bool(options.pop("learn_weights", False))
+  options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+  with _Timer(timings, "barycenter"):
+    bary = barycenter_lib.class_barycenters(
+        np.asarray(features.features), features.labels, num_classes, ipc,
+        stage_key(root, "barycenter"), learn_weights=learn, **options)
+    bary = barycenter_lib.Barycenter(np.asarray(bary.support), np.asarray(bary.weights))
+    _save_npz(path, support=bary.support, weights=bary.weights)
+  log(f"barycenters: {num_classes} classes x {ipc} points")
+  return bary
+
+
+def _random_real(dataset, ipc, key):
+  """IPC seeded random real images per class, normalised: f32[C, ipc, H, W, ch]."""
+  labels = dataset.labels("train")
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+  out = []
+  mean, std = np.asarray(dataset.mean, np.float32), np.asarray(dataset.std, np.float32)
+  for c in range(dataset.num_classes):
+    count = int(np.sum(labels == c))
+    if count < ipc:
+      raise ConfigError(f"class {c} ({dataset.class_names[c]}) has {count} train images, fewer "
+                        f"than ipc={ipc}; lower ipc.")
+    chosen = np.sort(rng.choice(count, ipc, replace=False))
+    images = np.concatenate([b for b in dataset.iter_class("train", c, 1024)])[chosen]
+    out.append((images.astype(np.float32) / 255.0 - mean) / std)
+  return np.stack(out)
+
+
+def _synthesize(config, dataset, model, variables, workdir, root, timings, log):
+  synset_path = os.path.join(workdir, "synset")
+  if os.path.exists(synset_path):
+    log("synthetic set: loaded")
+    return checkpoint.load_synthetic_set(synset_path), None
+  ipc, method = int(config.ipc), config.method
+  c = dataset.num_classes
+  uniform = np.full((c, ipc), 1.0 / ipc, np.float32)
+  history = None
+  if method == "random":
+    with _Timer(timings, "select"):
+      images = _random_real(dataset, ipc, stage_key(root, "random"))
+    weights = uniform
+  else:
+    options = recover_options(config)
+    st, feats = _statistics(config, dataset, model, variables, workdir, timings, log)
+    if options.feature_target == "barycenter":
+      bary = _barycenters(config, feats, c, ipc, root, workdir, timings, log)
+      support, weights = bary.support, bary.weights
+    else:
+      support, weights = np.zeros((c, ipc, 1), np.float32), uniform
+    targets = synthesis.RecoverTargets(support, st.mean, st.var, st.global_mean, st.global_var)
+    initial = None
+    if options.init == "real":
+      initial = _random_real(dataset, ipc, stage_key(root, "recover_init"))
+    every = int(config.recover.get("checkpoint_every", 100))
+    with _Timer(timings, "recover"), checkpoint.RecoverCheckpointer(
+        os.path.join(workdir, "recover_ckpt"), save_every=every,
+        iterations=options.iterations) as ckpt:
+      images, history = synthesis.recover(
+          model, variables, targets, ipc=ipc, image_shape=dataset.image_shape,
+          mean=dataset.mean, std=dataset.std, options=options, key=stage_key(root, "recover"),
+          class_chunk=int(config.recover.get("class_chunk", 0)), initial_images=initial,
+          resume=ckpt.resume, on_block=ckpt.on_block)
+    _save_npz(os.path.join(workdir, "recover_history.npz"), **history)
+    log(f"recover: {options.iterations} steps, final loss {history['loss'][-1]:.4g}")
+  synset = checkpoint.SyntheticSet(
+      images, np.repeat(np.arange(c), ipc).reshape(c, ipc), weights, dataset.class_names,
+      dataset.mean, dataset.std, {"method": method, "ipc": ipc, "seed": int(config.seed),
+                                  "dataset": config.dataset.spec})
+  checkpoint.save_synthetic_set(synset_path, synset)
+  return synset, history
+
+
+def _evaluate(config, dataset, teacher_model, teacher_vars, synset, workdir, root, timings, log):
+  path = os.path.join(workdir, "eval.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      log("evaluation: loaded")
+      return json.load(f)
+  ev = config.eval
+  student_name = ev.get("model") or config.teacher.model
+  student_opts = _to_dict(ev.get("model_options")) if ev.get("model") else _to_dict(
+      config.teacher.get("model_options"))
+  student = get_model(student_name, dataset.num_classes, **student_opts)
+  options = relabel.StudentOptions(**_dataclass_kwargs(relabel.StudentOptions, ev,
+                                                       seed=int(config.seed)))
+  images, _, weights = synset.flat()
+  if not config.eval.get("use_weights", True) or config.method != "wmdd":
+    weights = np.ones_like(weights)
+  with _Timer(timings, "evaluate"):
+    result = relabel.train_student(
+        student, teacher_model, teacher_vars, images, weights, dataset.load_split("test"),
+        mean=dataset.mean, std=dataset.std, options=options, key=stage_key(root, "student"))
+  out = {"test_top1": float(result.top1), "test_top5": float(result.top5),
+         "best_top1": float(result.best_top1), "best_top5": float(result.best_top5),
+         "student": student_name,
+         "history": [dict(r._asdict()) for r in result.history]}
+  report.write_json(path, out)
+  log(f"evaluation: student {student_name} test top-1 {out['test_top1']:.2f}% "
+      f"(best {out['best_top1']:.2f}%)")
+  return out
+
+
+def run(config: Any, workdir: str, *, log=print) -> dict[str, Any]:
+  """Runs (or resumes) every stage and writes ``workdir/metrics.json``; returns the metrics."""
+  if config.method not in METHODS:
+    raise ConfigError(f"config.method={config.method!r} is not one of {METHODS}.")
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
+            else json.dumps(dict(config), indent=2, default=str))
+  timings_path = os.path.join(workdir, "timings.json")
+  timings: dict[str, float] = {}
+  if os.path.exists(timings_path):
+    with open(timings_path) as f:
+      timings = json.load(f)
+  root = jax.random.key(int(config.seed))
+  dataset = open_dataset(config.dataset.spec, **_to_dict(config.dataset.get("options")))
+  try:
+    model, variables, meta = _teacher(config, dataset, workdir, root, timings, log)
+    report.write_json(timings_path, timings)
+    variables = jax.device_put(variables)
+    synset, history = _synthesize(config, dataset, model, variables, workdir, root, timings, log)
+    report.write_json(timings_path, timings)
+    mean, std = np.asarray(synset.mean), np.asarray(synset.std)
+    report.save_grid(os.path.join(workdir, "grid.png"), synset.images * std + mean)
+    result = _evaluate(config, dataset, model, variables, synset, workdir, root, timings, log)
+  finally:
+    report.write_json(timings_path, timings)
+  if history is None and os.path.exists(os.path.join(workdir, "recover_history.npz")):
+    history = dict(np.load(os.path.join(workdir, "recover_history.npz")))
+  panels = []
+  if history is not None:
+    steps = np.arange(1, len(history["loss"]) + 1)
+    panels.append(("recover loss terms (per class)",
+                   {k: (steps, history[k]) for k in ("loss", "feature", "bn", "ce")
+                    if np.nanmax(np.abs(history[k]), initial=0) > 0}))
+  hist = result.get("history", [])
+  if hist:
+    panels.append(("student test top-1 (%)", {"top1": ([h["epoch"] for h in hist],
+                                                      [h["top1"] for h in hist])}))
+  if panels:
+    report.save_curves(os.path.join(workdir, "curves.png"), panels)
+  metrics = {
+      "dataset": config.dataset.spec, "method": config.method, "ipc": int(config.ipc),
+      "num_classes": dataset.num_classes, "seed": int(config.seed),
+      "test_top1": result["test_top1"], "test_top5": result["test_top5"],
+      "best_top1": result["best_top1"], "best_top5": result["best_top5"],
+      "teacher_top1": meta.get("test_top1"), "student": result.get("student"),
+      "seconds": timings, "backend": jax.default_backend(), "devices": jax.device_count(),
+  }
+  report.write_json(os.path.join(workdir, "metrics.json"), metrics)
+  summary = (f"{config.method} on {config.dataset.spec}, IPC {config.ipc}, seed {config.seed}: "
+             f"student test top-1 {metrics['test_top1']:.2f}% (best {metrics['best_top1']:.2f}%),"
+             f" top-5 {metrics['test_top5']:.2f}%; teacher {metrics['teacher_top1']}%.\n"
+             f"seconds per stage: {json.dumps(timings)}\nfiles: {workdir}\n")
+  with open(os.path.join(workdir, "summary.txt"), "w") as f:
+    f.write(summary)
+  log(summary.strip())
+  return metrics
+
+
+__all__ = ["METHODS", "default_config", "recover_options", "run", "stage_key"]
