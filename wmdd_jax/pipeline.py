@@ -17,6 +17,7 @@ re-running or resuming any stage reproduces it bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -73,6 +74,22 @@ def default_config():
       "weight_decay": 0.01, "temperature": 20.0, "eval_every": 25, "use_weights": True,
       "crop_scale": (0.08, 1.0), "cutmix": True,
   })
+  return c
+
+
+def debug_config(config: Any) -> Any:
+  """A copy of ``config`` shrunk to run in seconds (``--config.debug=True``): same code paths."""
+  c = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") \
+      else config
+  with c.unlocked() if hasattr(c, "unlocked") else contextlib.nullcontext():
+    c.teacher.epochs = min(int(c.teacher.epochs), 2)
+    c.teacher.eval_every = 1
+    c.teacher.max_steps_per_epoch = 20
+    c.recover.iterations = min(int(c.recover.iterations), 20)
+    c.recover.steps_per_call = min(int(c.recover.steps_per_call), 10)
+    c.recover.checkpoint_every = 10
+    c.eval.epochs = min(int(c.eval.epochs), 2)
+    c.eval.eval_every = 1
   return c
 
 
@@ -291,6 +308,8 @@ def _evaluate(config, dataset, teacher_model, teacher_vars, synset, workdir, roo
 
 def run(config: Any, workdir: str, *, log=print) -> dict[str, Any]:
   """Runs (or resumes) every stage and writes ``workdir/metrics.json``; returns the metrics."""
+  if config.get("debug", False):
+    config = debug_config(config)
   if config.method not in METHODS:
     raise ConfigError(f"config.method={config.method!r} is not one of {METHODS}.")
   workdir = os.path.abspath(workdir)
