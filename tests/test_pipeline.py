@@ -86,3 +86,20 @@ def test_unknown_method():
   c = _config("magic")
   with pytest.raises(ConfigError, match="config.method"):
     pipeline.run(c, "/tmp/never-used-wmdd", log=lambda *_: None)
+
+
+def test_distill_script_debug_writes_metrics(tmp_path):
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, os.path.join(root, "experiments", "distill.py"),
+         "--config", os.path.join(root, "experiments", "configs", "digits.py"),
+         "--workdir", str(tmp_path), "--config.debug=True", "--config.ipc=2"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "metrics.json") as f:
+    metrics = json.load(f)
+  for key in CONTRACT:
+    assert key in metrics, key
+  assert metrics["ipc"] == 2 and metrics["method"] == "wmdd"
