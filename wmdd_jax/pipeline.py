@@ -53,7 +53,8 @@ def default_config():
   c.ipc = 10
   c.seed = 0
   c.debug = False
-  c.dataset = ml_collections.ConfigDict({"spec": "digits", "options": {}})
+  c.dataset = ml_collections.ConfigDict({"spec": "digits", "options": {},
+                                         "train_split": "train", "test_split": "test"})
   c.teacher = ml_collections.ConfigDict({
       "model": "convnet_d3", "model_options": {}, "checkpoint": "",
       "epochs": 30, "batch_size": 128, "learning_rate": 0.1, "momentum": 0.9,
@@ -145,6 +146,7 @@ def _save_npz(path: str, **arrays: Any) -> None:
 def _teacher(config, dataset, workdir, root, timings, log):
   model = get_model(config.teacher.model, dataset.num_classes,
                     **_to_dict(config.teacher.get("model_options")))
+  # teacher.checkpoint: where the teacher is loaded from, or saved to when it is not there yet.
   path = config.teacher.get("checkpoint") or os.path.join(workdir, "teacher")
   if os.path.exists(path):
     variables, meta = checkpoint.load_teacher(path)
@@ -153,8 +155,8 @@ def _teacher(config, dataset, workdir, root, timings, log):
   with _Timer(timings, "teacher"):
     tcfg = train_lib.TeacherConfig(**_dataclass_kwargs(train_lib.TeacherConfig, config.teacher,
                                                        seed=int(config.seed)))
-    train = dataset.load_split("train")
-    test = dataset.load_split("test")
+    train = dataset.load_split(_split(config, "train"))
+    test = dataset.load_split(_split(config, "test"))
     variables = train_lib.train_teacher(
         model, train, test, tcfg, mean=dataset.mean, std=dataset.std,
         image_shape=dataset.image_shape,
@@ -167,6 +169,11 @@ def _teacher(config, dataset, workdir, root, timings, log):
     checkpoint.save_teacher(path, variables, meta)
   log(f"teacher: trained, test top-1 {meta['test_top1']:.2f}%")
   return model, variables, meta
+
+
+def _split(config, which: str) -> str:
+  """The dataset split playing the role ``which`` ("train"/"test"; "val" for tuning runs)."""
+  return config.dataset.get(f"{which}_split", which)
 
 
 def _statistics(config, dataset, model, variables, workdir, timings, log):
@@ -184,9 +191,10 @@ def _statistics(config, dataset, model, variables, workdir, timings, log):
   batch = int(config.stats.get("batch_size", 256))
   with _Timer(timings, "statistics"):
     st, feats = stats.compute_class_statistics(
-        model, variables, dataset.iter_batches("train", batch), num_classes=dataset.num_classes,
-        image_shape=dataset.image_shape, mean=dataset.mean, std=dataset.std, batch_size=batch,
-        total=dataset.num_examples("train"), feature_path=os.path.join(workdir, "features.npy"))
+        model, variables, dataset.iter_batches(_split(config, "train"), batch),
+        num_classes=dataset.num_classes, image_shape=dataset.image_shape, mean=dataset.mean,
+        std=dataset.std, batch_size=batch, total=dataset.num_examples(_split(config, "train")),
+        feature_path=os.path.join(workdir, "features.npy"))
     arrays = {"num_layers": len(st.mean), "counts": st.counts, "labels": feats.labels}
     for name in ("mean", "var", "global_mean", "global_var"):
       for i, a in enumerate(getattr(st, name)):
@@ -215,9 +223,9 @@ def _barycenters(config, features, num_classes, ipc, root, workdir, timings, log
   return bary
 
 
-def _random_real(dataset, ipc, key):
+def _random_real(dataset, split, ipc, key):
   """IPC seeded random real images per class, normalised: f32[C, ipc, H, W, ch]."""
-  labels = dataset.labels("train")
+  labels = dataset.labels(split)
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
   out = []
   mean, std = np.asarray(dataset.mean, np.float32), np.asarray(dataset.std, np.float32)
@@ -227,7 +235,7 @@ def _random_real(dataset, ipc, key):
       raise ConfigError(f"class {c} ({dataset.class_names[c]}) has {count} train images, fewer "
                         f"than ipc={ipc}; lower ipc.")
     chosen = np.sort(rng.choice(count, ipc, replace=False))
-    images = np.concatenate([b for b in dataset.iter_class("train", c, 1024)])[chosen]
+    images = np.concatenate([b for b in dataset.iter_class(split, c, 1024)])[chosen]
     out.append((images.astype(np.float32) / 255.0 - mean) / std)
   return np.stack(out)
 
@@ -243,7 +251,7 @@ def _synthesize(config, dataset, model, variables, workdir, root, timings, log):
   history = None
   if method == "random":
     with _Timer(timings, "select"):
-      images = _random_real(dataset, ipc, stage_key(root, "random"))
+      images = _random_real(dataset, _split(config, "train"), ipc, stage_key(root, "random"))
     weights = uniform
   else:
     options = recover_options(config)
@@ -256,7 +264,8 @@ def _synthesize(config, dataset, model, variables, workdir, root, timings, log):
     targets = synthesis.RecoverTargets(support, st.mean, st.var, st.global_mean, st.global_var)
     initial = None
     if options.init == "real":
-      initial = _random_real(dataset, ipc, stage_key(root, "recover_init"))
+      initial = _random_real(dataset, _split(config, "train"), ipc,
+                             stage_key(root, "recover_init"))
     every = int(config.recover.get("checkpoint_every", 100))
     with _Timer(timings, "recover"), checkpoint.RecoverCheckpointer(
         os.path.join(workdir, "recover_ckpt"), save_every=every,
@@ -294,7 +303,8 @@ def _evaluate(config, dataset, teacher_model, teacher_vars, synset, workdir, roo
     weights = np.ones_like(weights)
   with _Timer(timings, "evaluate"):
     result = relabel.train_student(
-        student, teacher_model, teacher_vars, images, weights, dataset.load_split("test"),
+        student, teacher_model, teacher_vars, images, weights,
+        dataset.load_split(_split(config, "test")),
         mean=dataset.mean, std=dataset.std, options=options, key=stage_key(root, "student"))
   out = {"test_top1": float(result.top1), "test_top5": float(result.top5),
          "best_top1": float(result.best_top1), "best_top5": float(result.best_top5),
