@@ -1,0 +1,748 @@
+"""Free-support Wasserstein-2 barycenters of one class's features, jitted and vmapped over classes.
+
+With one input measure Y (n points y_i, masses a_i) and k support points B (uniform weights
+w_j = 1/k), the barycenter minimises W2^2(sum_j w_j delta_{b_j}, Y) over B: a *balanced*
+(capacity-constrained) k-means in which every support point receives exactly mass w_j. The
+Cuturi-Doucet fixed point solves the transport plan T between B and Y and moves each b_j to the
+centroid of the mass it receives. POT does this with an exact network-simplex LP per iteration;
+here each plan is solved through its *semi-dual*, which has only k variables:
+
+  max_g  F(g) = <w, g> - eps * sum_i a_i logsumexp_j(log w_j + (g_j - C_ij) / eps),
+
+the entropic smoothing of  <w, g> + sum_i a_i min_j (C_ij - g_j) (eps = 1% of the mean cost). F
+is concave and its gradient is w - (mass the Laguerre cells receive), so a damped
+(Levenberg-Marquardt) Newton ascent with k x k linear algebra balances the cells in a handful of
+O(nk) passes, and warm-started from the previous potentials usually in one. Each fixed-point step
+then moves b_j to the centroid of its *hard* Laguerre cell {i : j = argmin_j' C_ij' - g_j'} (the
+exact plan up to the few points that the LP would split between cells), which avoids the
+entropic blur of soft plans; the iterations stop once less than 0.1% of the mass changes cell.
+Initialisation is a seeded greedy k-means++ and a few Lloyd steps.
+
+Measured against POT (tests/test_barycenter.py, bench/barycenter.py): at n=5000, d=512, k=50
+the result's exact W2^2 is 0.15% below POT's on average (never above it in the benchmark) at
+about 3-6x POT's speed on a 2-core CPU (~0.15-0.2 s per class after a ~2.5 s compilation).
+Different starts reach different local optima; on small clouds these differ by several percent,
+which ``num_inits`` addresses. ``stop_fraction=5e-3`` is about 1.5x faster again and as good on
+the benchmark, but stopped 1.6% short of POT on one of four k=10 clouds whose fixed-point
+iteration crawls before a late improvement.
+
+With ``learn_weights=True`` the weights are free on the simplex too; for one measure the optimum
+then sends every point to its nearest support point, so the problem is k-means (Lloyd) and the
+weights are the cell masses.
+
+Zero-mass points (padding) take no part: they are never sampled as seeds, and every sum over
+points is weighted by the masses.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wmdd_jax.errors import ConfigError, NonFiniteError, ShapeError
+
+__all__ = [
+    "Barycenter",
+    "SolverOptions",
+    "class_barycenters",
+    "free_support_barycenter",
+    "w2_cost",
+]
+
+
+class Barycenter(NamedTuple):
+  """A discrete measure sum_j weights[j] delta_{support[j]} (or one per class).
+
+  Attributes:
+    support: f32[k, d] (or f32[C, k, d] for all classes).
+    weights: f32[k] on the simplex (or f32[C, k]).
+  """
+
+  support: jax.Array
+  weights: jax.Array
+
+
+class SolverOptions(NamedTuple):
+  """Options of :func:`free_support_barycenter` (all static under jit).
+
+  Attributes:
+    num_iterations: cap on the fixed-point iterations of the uniform-weight barycenter (plan,
+      then move).
+    stop_fraction: the iterations stop once at most this fraction of the mass changes cell in
+      one iteration (the plan has settled); 0 runs all ``num_iterations``.
+    lloyd_steps: Lloyd (k-means) steps after the k-means++ seeding. None: 3 for uniform weights
+      (a cheap warm start for the balanced iterations), 100 for ``learn_weights`` (where Lloyd is
+      the whole solver and stops early once no point changes cell).
+    epsilon: entropic smoothing of the semi-dual, relative to the mass-weighted mean cost.
+    tolerance: L1 error of the support marginal at which a semi-dual solve stops.
+    max_newton_steps: cap on damped Newton steps per semi-dual solve.
+    init_candidates: seeds tried per greedy k-means++ step (the one that lowers the k-means cost
+      most is kept). None: 2 + int(log k), as scikit-learn.
+    num_inits: independent seedings solved (vmapped) per call; the lowest-cost result is kept.
+      On small clouds (a few hundred points, k ~ 5) local optima differ by several percent and
+      4 inits make results reliable; at n ~ 5000, k ~ 50 one init is within 0.3% of POT.
+    anneal: relative epsilons of "deterministic annealing" iterations run first, which move the
+      support to the centroids of *soft* entropic plans, e.g. (0.2, 0.1, 0.05, 0.02); large
+      epsilon smooths away poor local optima. Empty: none.
+  """
+
+  num_iterations: int = 30
+  stop_fraction: float = 1e-3
+  lloyd_steps: int | None = None
+  epsilon: float = 0.01
+  tolerance: float = 1e-2
+  max_newton_steps: int = 30
+  init_candidates: int | None = None
+  num_inits: int = 1
+  anneal: tuple[float, ...] = ()
+
+
+# Levenberg-Marquardt damping values tried in parallel at each Newton step. The scaled Hessian
+# has eigenvalues in [0, 1], so 0 is a pure Newton step and 1 is about a Sinkhorn step.
+_LM_DAMPING = (0.0, 0.01, 0.1, 1.0)
+# Masses below this count as zero (padding) when seeding and balancing.
+_TINY = 1e-30
+
+
+def _options(solver_options: dict[str, Any]) -> SolverOptions:
+  unknown = set(solver_options) - set(SolverOptions._fields)
+  if unknown:
+    raise ConfigError(
+        f"unknown barycenter solver option(s) {sorted(unknown)}; valid options are "
+        f"{list(SolverOptions._fields)}."
+    )
+  opts = SolverOptions(**solver_options)
+  for name in ("num_iterations", "max_newton_steps", "num_inits"):
+    value, low = getattr(opts, name), 0 if name == "num_iterations" else 1
+    if not isinstance(value, int) or value < low:
+      raise ConfigError(f"barycenter option {name}={value!r} must be an int >= {low}.")
+  for name in ("lloyd_steps", "init_candidates"):
+    value = getattr(opts, name)
+    low = 0 if name == "lloyd_steps" else 1
+    if value is not None and (not isinstance(value, int) or value < low):
+      raise ConfigError(f"barycenter option {name}={value!r} must be None or an int >= {low}.")
+  if not (opts.epsilon > 0 and opts.tolerance > 0 and opts.stop_fraction >= 0):
+    raise ConfigError(
+        f"barycenter options epsilon={opts.epsilon} and tolerance={opts.tolerance} must be > 0 "
+        f"and stop_fraction={opts.stop_fraction} >= 0."
+    )
+  anneal = tuple(float(e) for e in np.atleast_1d(opts.anneal))
+  if any(e <= 0 for e in anneal):
+    raise ConfigError(f"barycenter option anneal={opts.anneal!r} must hold epsilons > 0.")
+  # Python floats so the options stay hashable and static under jit.
+  return opts._replace(
+      epsilon=float(opts.epsilon),
+      tolerance=float(opts.tolerance),
+      stop_fraction=float(opts.stop_fraction),
+      anneal=anneal,
+  )
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks (all jittable, one class).
+
+
+def _sq_dists(points: jax.Array, sq_norms: jax.Array, support: jax.Array) -> jax.Array:
+  """Squared Euclidean costs f32[n, k] through one matmul (clipped at 0 against round-off)."""
+  cross = points @ support.T
+  return jnp.maximum(sq_norms[:, None] + jnp.sum(support * support, -1)[None] - 2 * cross, 0.0)
+
+
+def _sample(u: jax.Array, probs: jax.Array) -> jax.Array:
+  """Indices drawn with probability proportional to ``probs`` (>= 0, positive sum).
+
+  Inverse-CDF sampling with uniforms ``u`` in [0, 1) (any shape): never returns an index of
+  zero probability, and trailing zero-probability entries (padding) do not change the draw.
+  """
+  cdf = jnp.cumsum(probs)
+  # Counting with one comparison is cheaper to compile than searchsorted's loop, and n is small.
+  idx = jnp.sum(cdf <= (u * cdf[-1])[..., None], axis=-1)
+  return jnp.minimum(idx, probs.shape[0] - 1)
+
+
+def _kmeans_pp(
+    key: jax.Array,
+    points: jax.Array,
+    mass: jax.Array,
+    sq_norms: jax.Array,
+    num_support: int,
+    num_candidates: int,
+) -> jax.Array:
+  """Greedy k-means++ seeding from the points of positive mass; returns f32[k, d]."""
+  # All uniforms at once: one threefry call keeps the compiled loop small.
+  u = jax.random.uniform(key, (num_support, num_candidates))
+  first = _sample(u[0, 0], mass)
+
+  def dists_to(idx):  # f32[..., n], squared distances from points[idx] to every point
+    return jnp.maximum(
+        sq_norms[idx][..., None] - 2 * points[idx] @ points.T + sq_norms, 0.0
+    )
+
+  support = jnp.zeros((num_support, points.shape[1]), points.dtype).at[0].set(points[first])
+
+  def body(j, carry):
+    support, dmin = carry
+    probs = mass * dmin
+    # When every point coincides with a chosen seed, fall back to sampling by mass.
+    probs = jnp.where(jnp.sum(probs) > 0, probs, mass)
+    cand = _sample(u[j], probs)
+    dc = jnp.minimum(dmin, dists_to(cand))  # [L, n]
+    best = jnp.argmin(dc @ mass)
+    return support.at[j].set(points[cand[best]]), dc[best]
+
+  support, _ = jax.lax.fori_loop(1, num_support, body, (support, dists_to(first)))
+  return support
+
+
+def _cell_means(
+    labels: jax.Array, mass: jax.Array, weighted_points: jax.Array, support: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Centroids and masses of hard cells; empty cells keep their old position."""
+  k = support.shape[0]
+  cell_mass = jax.ops.segment_sum(mass, labels, k)
+  sums = jax.ops.segment_sum(weighted_points, labels, k)
+  centroids = sums / jnp.maximum(cell_mass, _TINY)[:, None]
+  return jnp.where(cell_mass[:, None] > 0, centroids, support), cell_mass
+
+
+def _lloyd(
+    points: jax.Array,
+    mass: jax.Array,
+    sq_norms: jax.Array,
+    support: jax.Array,
+    max_steps: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Mass-weighted Lloyd iterations, stopped early once no point changes cell.
+
+  Returns:
+    (support f32[k, d], cell masses f32[k] and k-means cost f32[] of that support).
+  """
+  weighted = points * mass[:, None]
+
+  def assign(support):
+    cost = _sq_dists(points, sq_norms, support)
+    labels = jnp.argmin(cost, 1)
+    return labels, jnp.min(cost, 1) @ mass
+
+  def cond(state):
+    _, _, changed, step = state
+    return changed & (step < max_steps)
+
+  def body(state):
+    support, labels, _, step = state
+    support, _ = _cell_means(labels, mass, weighted, support)
+    new_labels, _ = assign(support)
+    return support, new_labels, jnp.any((new_labels != labels) & (mass > 0)), step + 1
+
+  labels, _ = assign(support)
+  support, labels, _, _ = jax.lax.while_loop(cond, body, (support, labels, max_steps > 0, 0))
+  labels, cost = assign(support)
+  return support, jax.ops.segment_sum(mass, labels, support.shape[0]), cost
+
+
+def _semidual(
+    g: jax.Array, cost: jax.Array, mass: jax.Array, log_w: jax.Array, eps: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Entropic semi-dual value F(g) and the row-normalised plan f32[n, k] (rows sum to 1)."""
+  z = log_w + (g - cost) / eps
+  lse = jax.nn.logsumexp(z, axis=1)
+  value = jnp.sum(jnp.where(log_w > -jnp.inf, jnp.exp(log_w) * g, 0.0)) - eps * (mass @ lse)
+  return value, jnp.exp(z - lse[:, None])
+
+
+def _semidual_value(g, cost, mass, log_w, eps):
+  """F(g) alone (no plan), for line searches."""
+  z = log_w + (g - cost) / eps
+  value = jnp.sum(jnp.where(log_w > -jnp.inf, jnp.exp(log_w) * g, 0.0))
+  return value - eps * (mass @ jax.nn.logsumexp(z, axis=1))
+
+
+def _solve_semidual(
+    cost: jax.Array,
+    mass: jax.Array,
+    w: jax.Array,
+    g: jax.Array,
+    eps: jax.Array,
+    tolerance: float,
+    max_steps: int,
+) -> tuple[jax.Array, jax.Array]:
+  """Maximises the entropic semi-dual over g by damped Newton steps.
+
+  Args:
+    cost: f32[n, k] costs between points and support.
+    mass: f32[n] point masses summing to 1 (zeros for padding).
+    w: f32[k] support weights summing to 1 (zeros allowed: such points take no mass).
+    g: f32[k] initial potentials (warm start).
+    eps: f32[] absolute smoothing.
+    tolerance: stop once sum_j |w_j - received mass_j| <= tolerance.
+    max_steps: cap on Newton steps.
+
+  Returns:
+    (g f32[k], row-normalised plan f32[n, k] at that g).
+  """
+  active = w > 0
+  log_w = jnp.where(active, jnp.log(jnp.where(active, w, 1.0)), -jnp.inf)
+  damping = jnp.asarray(_LM_DAMPING, cost.dtype)
+
+  def marginal_error(plan):
+    return jnp.sum(jnp.abs(w - mass @ plan))
+
+  def cond(state):
+    _, _, _, err, step, stalled = state
+    return (err > tolerance) & (step < max_steps) & ~stalled
+
+  def body(state):
+    g, value, plan, err, step, _ = state
+    weighted = plan * mass[:, None]
+    received = jnp.sum(weighted, 0)
+    grad = jnp.where(active, w - received, 0.0)
+    # Hessian of -F times eps: diag(received) - P^T diag(a) P, with the diagonal summed as
+    # a p (1 - p) so near-hard plans do not lose it to cancellation.
+    hess = -(plan.T @ weighted)
+    hess = hess.at[jnp.diag_indices_from(hess)].set(jnp.sum(weighted * (1 - plan), 0))
+    # Scale by diag(received)^(-1/2): eigenvalues then lie in [0, 1] and one eigendecomposition
+    # gives the LM step for every damping value.
+    inv_sqrt = jnp.where(active, jax.lax.rsqrt(jnp.maximum(received, _TINY)), 0.0)
+    evals, evecs = jnp.linalg.eigh(inv_sqrt[:, None] * hess * inv_sqrt[None])
+    proj = evecs.T @ (inv_sqrt * grad)
+
+    def lm_direction(lam):
+      # The constant direction is the null space (F is invariant to g + c): drop it.
+      denom = evals + lam
+      coef = jnp.where(denom > 1e-6, proj / jnp.where(denom > 1e-6, denom, 1.0), 0.0)
+      return eps * inv_sqrt * (evecs @ coef)
+
+    # Fast path: the full Newton step, kept when F rises by at least a quarter of what the
+    # quadratic model predicts (0.5 grad . d) and the marginal error at least halves. Near the
+    # optimum, where warm starts put us, that is one pass over the n x k plan instead of one per
+    # candidate; far from it (say a support point with no mass near it, which Newton cannot
+    # see) the candidates below take over.
+    newton = lm_direction(0.0)
+    new_value, new_plan = _semidual(g + newton, cost, mass, log_w, eps)
+    accept = (new_value - value >= 0.125 * jnp.dot(grad, newton)) & (
+        marginal_error(new_plan) <= 0.5 * err
+    )
+
+    def fallback(_):
+      # Damped candidates and a Sinkhorn step against the Newton step and no step (whose values
+      # are known); the best value wins.
+      directions = jax.vmap(lm_direction)(damping[1:])
+      sinkhorn = jnp.where(active, eps * (log_w - jnp.log(jnp.maximum(received, _TINY))), 0.0)
+      directions = jnp.concatenate([newton[None], directions, sinkhorn[None], 0 * g[None]])
+      values = jax.vmap(lambda d: _semidual_value(g + d, cost, mass, log_w, eps))(
+          directions[1:-1]
+      )
+      values = jnp.concatenate([new_value[None], values, value[None]])
+      best = jnp.argmax(jnp.where(jnp.isfinite(values), values, -jnp.inf))
+      best_value, best_plan = _semidual(g + directions[best], cost, mass, log_w, eps)
+      # No candidate improved F (float32 resolution reached): stop rather than spin.
+      return g + directions[best], best_value, best_plan, best == directions.shape[0] - 1
+
+    g, value, plan, stalled = jax.lax.cond(
+        accept, lambda _: (g + newton, new_value, new_plan, False), fallback, None
+    )
+    return g, value, plan, marginal_error(plan), step + 1, stalled
+
+  value, plan = _semidual(g, cost, mass, log_w, eps)
+  state = (g, value, plan, marginal_error(plan), 0, False)
+  g, _, plan, _, _, _ = jax.lax.while_loop(cond, body, state)
+  return g, plan
+
+
+def _mean_cost(cost: jax.Array, mass: jax.Array, w: jax.Array) -> jax.Array:
+  return mass @ cost @ w
+
+
+def _dual_w2(
+    cost: jax.Array, mass: jax.Array, w: jax.Array, g: jax.Array, epsilon: float = 1e-4
+) -> jax.Array:
+  """W2^2 from below: the unregularised semi-dual at potentials annealed down to ``epsilon``.
+
+  <w, g> + sum_i a_i min_j (C_ij - g_j) <= W2^2 for every g (weak duality), with an error
+  quadratic in the error of g: about 1e-6 relative once the solves converge.
+  """
+  scale = _mean_cost(cost, mass, w)
+  schedule = jnp.asarray([e for e in (0.01, 0.002, 5e-4) if e > epsilon] + [epsilon], cost.dtype)
+  # One solver in a loop over the schedule compiles once, not once per epsilon.
+  g = jax.lax.fori_loop(
+      0,
+      schedule.shape[0],
+      lambda i, g: _solve_semidual(cost, mass, w, g, schedule[i] * scale, 1e-5, 100)[0],
+      g,
+  )
+  # Zero-weight support points take no mass, so they must not enter the min.
+  reduced = jnp.where(w > 0, cost - g, jnp.inf)
+  return jnp.sum(jnp.where(w > 0, w * g, 0.0)) + mass @ jnp.min(reduced, 1)
+
+
+def _balanced(
+    points: jax.Array,
+    mass: jax.Array,
+    sq_norms: jax.Array,
+    support: jax.Array,
+    opts: SolverOptions,
+    estimate_cost: bool,
+) -> tuple[jax.Array, jax.Array]:
+  """Uniform-weight fixed-point iterations from ``support``.
+
+  Returns:
+    (support f32[k, d], a W2^2 estimate f32[] when ``estimate_cost``, else 0).
+  """
+  k = support.shape[0]
+  w = jnp.full((k,), 1.0 / k, points.dtype)
+  weighted = points * mass[:, None]
+
+  def cond(state):
+    _, _, _, moved, step = state
+    return (step < opts.num_iterations) & (moved > opts.stop_fraction)
+
+  def body(state):
+    support, g, labels, _, step = state
+    cost = _sq_dists(points, sq_norms, support)
+    eps = opts.epsilon * _mean_cost(cost, mass, w)
+    g, _ = _solve_semidual(cost, mass, w, g, eps, opts.tolerance, opts.max_newton_steps)
+    new_labels = jnp.argmin(cost - g, 1)
+    support, _ = _cell_means(new_labels, mass, weighted, support)
+    # Mass that changed cell: the plan's change, zero at an exact fixed point.
+    moved = jnp.where(step > 0, jnp.sum(jnp.where(new_labels != labels, mass, 0.0)), jnp.inf)
+    return support, g, new_labels, moved, step + 1
+
+  def soft_step(carry, rel):
+    support, g = carry
+    cost = _sq_dists(points, sq_norms, support)
+    eps = rel * _mean_cost(cost, mass, w)
+    g, plan = _solve_semidual(cost, mass, w, g, eps, opts.tolerance, opts.max_newton_steps)
+    t = plan * mass[:, None]
+    support = (t.T @ points) / jnp.maximum(jnp.sum(t, 0), _TINY)[:, None]
+    return (support, g), None
+
+  g = jnp.zeros((k,), points.dtype)
+  if opts.anneal:
+    (support, g), _ = jax.lax.scan(soft_step, (support, g), jnp.asarray(opts.anneal, points.dtype))
+  labels = jnp.zeros(points.shape[0], jnp.int32)
+  state = (support, g, labels, jnp.asarray(jnp.inf, points.dtype), 0)
+  support, g, _, _, _ = jax.lax.while_loop(cond, body, state)
+  if not estimate_cost:
+    return support, jnp.zeros((), points.dtype)
+  return support, _dual_w2(_sq_dists(points, sq_norms, support), mass, w, g)
+
+
+def _solve_one(
+    points: jax.Array,
+    mass: jax.Array,
+    key: jax.Array,
+    num_support: int,
+    learn_weights: bool,
+    opts: SolverOptions,
+) -> Barycenter:
+  """The whole solver for one class; ``mass`` sums to 1 (zeros are padding)."""
+  points = points.astype(jnp.float32)
+  mass = mass.astype(jnp.float32)
+  sq_norms = jnp.sum(points * points, -1)
+  candidates = opts.init_candidates or 2 + int(math.log(num_support))
+  lloyd_steps = opts.lloyd_steps
+  if lloyd_steps is None:
+    lloyd_steps = 100 if learn_weights else 3
+
+  def run(key):
+    support = _kmeans_pp(key, points, mass, sq_norms, num_support, candidates)
+    support, cell_mass, kmeans_cost = _lloyd(points, mass, sq_norms, support, lloyd_steps)
+    if learn_weights:
+      return support, cell_mass, kmeans_cost
+    support, cost = _balanced(points, mass, sq_norms, support, opts, opts.num_inits > 1)
+    return support, jnp.full((num_support,), 1.0 / num_support, jnp.float32), cost
+
+  if opts.num_inits == 1:
+    support, weights, _ = run(key)
+  else:
+    supports, weights, costs = jax.vmap(run)(jax.random.split(key, opts.num_inits))
+    best = jnp.argmin(costs)
+    support, weights = supports[best], weights[best]
+  # Learned cell masses sum to 1 up to round-off; renormalise so downstream code can rely on it.
+  return Barycenter(support, weights / jnp.sum(weights))
+
+
+_solve_jit = jax.jit(_solve_one, static_argnums=(3, 4, 5))
+
+# Point counts are padded (zero mass) up to a multiple of this, so classes of similar sizes share
+# one compilation; it costs at most 127 rows of work.
+_PAD_MULTIPLE = 128
+
+
+def _padded_size(n: int) -> int:
+  return -(-n // _PAD_MULTIPLE) * _PAD_MULTIPLE
+
+
+def _solve_classes(points, mass, keys, num_support, learn_weights, opts):
+  return jax.vmap(_solve_one, in_axes=(0, 0, 0, None, None, None))(
+      points, mass, keys, num_support, learn_weights, opts
+  )
+
+
+_solve_classes_jit = jax.jit(_solve_classes, static_argnums=(3, 4, 5))
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API.
+
+
+def _is_concrete(*arrays: Any) -> bool:
+  """Whether the values are known (not traced under a caller's jit), so they can be checked."""
+  return not any(isinstance(x, jax.core.Tracer) for x in arrays)
+
+
+def free_support_barycenter(
+    points: jax.Array,
+    num_support: int,
+    key: jax.Array,
+    *,
+    weights: jax.Array | None = None,
+    learn_weights: bool = False,
+    **solver_options: Any,
+) -> Barycenter:
+  """The free-support W2 barycenter of one point cloud (one class's features).
+
+  Jittable with ``num_support``, ``learn_weights`` and the solver options static; the checks on
+  values (finite inputs, enough points of positive mass) run only on concrete arrays.
+
+  Args:
+    points: f32[n, d] the class's features.
+    num_support: k, the number of support points (images per class).
+    key: a PRNG key (seeds the k-means++ initialisation).
+    weights: optional f32[n] non-negative point masses (normalised here); zero marks padding.
+      None: uniform.
+    learn_weights: False: uniform weights 1/k (the balanced barycenter). True: weights free on
+      the simplex (k-means; the weights are the cell masses, some may be 0).
+    **solver_options: fields of :class:`SolverOptions`.
+
+  Returns:
+    Barycenter(support f32[k, d], weights f32[k]).
+
+  Raises:
+    ShapeError: points not f32[n, d] or weights not f32[n].
+    NonFiniteError: NaN or Inf in points or weights.
+    ConfigError: num_support < 1, more support points than points of positive mass, bad weights
+      or an unknown option.
+  """
+  opts = _options(solver_options)
+  points = jnp.asarray(points)
+  if points.ndim != 2 or not jnp.issubdtype(points.dtype, jnp.floating):
+    raise ShapeError(
+        f"points must be a float array [n, d], got {points.dtype}{list(points.shape)}; pass one "
+        "class's features (use class_barycenters for a labelled set)."
+    )
+  _check_num_support(num_support)
+  n = points.shape[0]
+  if weights is None:
+    mass = jnp.ones((n,), jnp.float32)
+  else:
+    mass = jnp.asarray(weights, jnp.float32)
+    if mass.shape != (n,):
+      raise ShapeError(f"weights must have shape [{n}] (one mass per point), got {mass.shape}.")
+  points, mass, summary = _prepare(points, mass, _padded_size(n))
+  if _is_concrete(summary):
+    bad_points, bad_mass, negative, count = (int(x) for x in np.asarray(summary))
+    if bad_points or bad_mass:
+      name, bad = ("points", bad_points) if bad_points else ("weights", bad_mass)
+      raise NonFiniteError(_non_finite_message(name, bad))
+    if negative:
+      raise ConfigError("weights must be non-negative masses (zero marks padding).")
+    if count < num_support:
+      raise ConfigError(
+          f"num_support={num_support} exceeds the {count} point(s) of positive mass; lower "
+          "num_support (images per class) or pass more points."
+      )
+  return _solve_jit(points, mass, key, num_support, bool(learn_weights), opts)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _prepare(
+    points: jax.Array, mass: jax.Array, padded_n: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Pads to ``padded_n`` rows of zero mass, normalises the mass, and summarises the input.
+
+  One dispatch and one host transfer instead of a handful of eager ops (they cost ~20 ms).
+
+  Returns:
+    (points f32[padded_n, d], mass f32[padded_n] summing to 1, i32[4]: non-finite points,
+    non-finite masses, negative masses, positive masses).
+  """
+  summary = jnp.stack([
+      jnp.sum(~jnp.isfinite(points)),
+      jnp.sum(~jnp.isfinite(mass)),
+      jnp.sum(mass < 0),
+      jnp.sum(mass > 0),
+  ]).astype(jnp.int32)
+  pad = padded_n - points.shape[0]
+  points = jnp.pad(points.astype(jnp.float32), ((0, pad), (0, 0)))
+  mass = jnp.pad(mass / jnp.sum(mass), (0, pad))
+  return points, mass, summary
+
+
+def class_barycenters(
+    features: jax.Array | np.ndarray,
+    labels: jax.Array | np.ndarray,
+    num_classes: int,
+    num_support: int,
+    key: jax.Array,
+    *,
+    learn_weights: bool = False,
+    classes_per_batch: int | None = None,
+    **solver_options: Any,
+) -> Barycenter:
+  """Per-class barycenters of a labelled feature set, vmapped over classes.
+
+  Ragged classes are gathered on the host into a zero-mass-padded f32[C, n_max, d] array; class
+  c uses the key ``fold_in(key, c)``, so its result equals
+  ``free_support_barycenter(features[labels == c], num_support, fold_in(key, c), ...)`` up to
+  float round-off, whatever the other classes and the batching.
+
+  Args:
+    features: f32[N, d].
+    labels: int[N] in [0, num_classes).
+    num_classes: C.
+    num_support: k support points per class.
+    key: a PRNG key.
+    learn_weights: see :func:`free_support_barycenter`.
+    classes_per_batch: classes solved together in one vmapped call (bounds device memory at
+      about classes_per_batch * n_max * (d + 8k) floats); batches run one after another.
+      None: all classes at once on an accelerator, one at a time on CPU, where a vmapped batch
+      measured about 1.5x slower per class (bench/barycenter.py; the batch's while loops run
+      until its slowest class converges).
+    **solver_options: fields of :class:`SolverOptions`.
+
+  Returns:
+    Barycenter(support f32[C, k, d], weights f32[C, k]).
+
+  Raises:
+    ShapeError: features not [N, d] or labels not [N].
+    NonFiniteError: NaN or Inf in the features.
+    ConfigError: labels out of range, or a class with fewer than num_support points.
+  """
+  opts = _options(solver_options)
+  _check_num_support(num_support)
+  feats = np.asarray(features)
+  labels = np.asarray(labels)
+  if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
+    raise ShapeError(
+        f"features must be a float array [N, d], got {feats.dtype}{list(feats.shape)}."
+    )
+  if labels.shape != (feats.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+    raise ShapeError(
+        f"labels must be integers of shape [{feats.shape[0]}] (one per feature row), got "
+        f"{labels.dtype}{list(labels.shape)}."
+    )
+  _check_finite(feats, "features")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ConfigError(
+        f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]; check "
+        "num_classes."
+    )
+  counts = np.bincount(labels, minlength=num_classes)
+  short = np.flatnonzero(counts < num_support)
+  if short.size:
+    listed = ", ".join(f"class {c} has {counts[c]}" for c in short[:5])
+    more = f" and {short.size - 5} more" if short.size > 5 else ""
+    raise ConfigError(
+        f"num_support={num_support} exceeds the points of {short.size} class(es): {listed}{more};"
+        " lower num_support (images per class) or add data for those classes."
+    )
+  # Gather on the host: rows of class c first, in their original order, then zero padding.
+  n_max = _padded_size(int(counts.max()))
+  order = np.argsort(labels, kind="stable")
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  rank = np.arange(labels.size) - starts[labels[order]]
+  padded = np.zeros((num_classes, n_max, feats.shape[1]), np.float32)
+  padded[labels[order], rank] = feats[order]
+  mass = np.zeros((num_classes, n_max), np.float32)
+  mass[labels[order], rank] = (1.0 / counts[labels[order]]).astype(np.float32)
+
+  keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(jnp.arange(num_classes))
+  batch = classes_per_batch
+  if batch is None:
+    batch = 1 if jax.default_backend() == "cpu" else num_classes
+  if not isinstance(batch, int | np.integer) or batch < 1:
+    raise ConfigError(f"classes_per_batch must be None or an int >= 1, got {batch!r}.")
+  parts = []
+  for lo in range(0, num_classes, batch):
+    hi = min(lo + batch, num_classes)
+    if hi - lo == 1:  # one class: the unbatched program, exactly a per-class call
+      one = _solve_jit(padded[lo], mass[lo], keys[lo], num_support, bool(learn_weights), opts)
+      parts.append(Barycenter(one.support[None], one.weights[None]))
+    else:
+      parts.append(
+          _solve_classes_jit(
+              padded[lo:hi], mass[lo:hi], keys[lo:hi], num_support, bool(learn_weights), opts
+          )
+      )
+  if len(parts) == 1:
+    return parts[0]
+  return Barycenter(*(jnp.concatenate(xs) for xs in zip(*parts)))
+
+
+@functools.partial(jax.jit, static_argnames=("epsilon",))
+def w2_cost(
+    support: jax.Array,
+    weights: jax.Array,
+    points: jax.Array,
+    point_weights: jax.Array | None = None,
+    *,
+    epsilon: float = 1e-4,
+) -> jax.Array:
+  """Near-exact W2^2 between a discrete measure and a point cloud (diagnostics; jittable).
+
+  Solves the semi-dual with epsilon annealed down to ``epsilon`` (relative to the mean cost) and
+  returns the *unregularised* semi-dual value at the potentials found,
+  <w, g> + sum_i a_i min_j (C_ij - g_j): a certified lower bound on W2^2 (weak duality) whose
+  error is quadratic in the error of g, so it is exact to about 1e-6 relative in float32,
+  far closer than the cost of a rounded entropic plan.
+
+  Args:
+    support: f32[k, d].
+    weights: f32[k] non-negative (normalised here).
+    points: f32[n, d].
+    point_weights: f32[n] non-negative masses (normalised here); None: uniform.
+    epsilon: final relative smoothing.
+
+  Returns:
+    f32[] the estimate of W2^2 = min_T sum_ij T_ij ||y_i - b_j||^2.
+  """
+  support = jnp.asarray(support, jnp.float32)
+  points = jnp.asarray(points, jnp.float32)
+  if support.ndim != 2 or points.ndim != 2 or support.shape[1] != points.shape[1]:
+    raise ShapeError(
+        f"support [k, d] and points [n, d] must share d, got {support.shape} and {points.shape}."
+    )
+  n = points.shape[0]
+  mass = jnp.full((n,), 1.0 / n) if point_weights is None else jnp.asarray(point_weights)
+  mass = mass.astype(jnp.float32)
+  w = jnp.asarray(weights, jnp.float32)
+  mass, w = mass / jnp.sum(mass), w / jnp.sum(w)
+  cost = _sq_dists(points, jnp.sum(points * points, -1), support)
+  # Warm up at larger smoothing first: a cold solve at 1e-4 would need many more steps.
+  eps = 0.05 * _mean_cost(cost, mass, w)
+  g, _ = _solve_semidual(cost, mass, w, jnp.zeros_like(w), eps, 1e-5, 100)
+  return _dual_w2(cost, mass, w, g, epsilon)
+
+
+def _check_num_support(num_support: Any) -> None:
+  if not isinstance(num_support, int | np.integer) or num_support < 1:
+    raise ConfigError(f"num_support must be an int >= 1 (images per class), got {num_support!r}.")
+
+
+def _non_finite_message(name: str, bad: int) -> str:
+  return (
+      f"{name} hold {bad} NaN/Inf value(s); fix the feature extraction (e.g. a diverged "
+      "teacher or unnormalised inputs) before computing barycenters."
+  )
+
+
+def _check_finite(x: np.ndarray, name: str) -> None:
+  bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+  if bad:
+    raise NonFiniteError(_non_finite_message(name, bad))
