@@ -180,3 +180,18 @@ def test_errors(key):
     free_support_barycenter(points, K, key, step_size=0.1)
   with pytest.raises(ConfigError):
     free_support_barycenter(points, 0, key)
+
+
+def test_ott_solver_agrees_with_semidual_and_pot(key):
+  # The OTT-JAX reference (Sinkhorn barycenter from the same start) lands within 1% of POT too.
+  points = _cloud("clustered", 3)
+  init = np.random.default_rng(0).normal(size=(5, points.shape[1]))
+  pot = _pot_barycenter_w2(points, init)
+  ours = free_support_barycenter(points, 5, key, num_inits=1)
+  ott_bar = free_support_barycenter(points, 5, key, solver="ott", ott_epsilon=0.003)
+  w_ours = _exact_w2(ours.support, ours.weights, points)
+  w_ott = _exact_w2(ott_bar.support, ott_bar.weights, points)
+  assert abs(w_ott - w_ours) <= 0.01 * w_ours
+  assert w_ott <= 1.01 * pot
+  with pytest.raises(ConfigError, match="solver"):
+    free_support_barycenter(points, 5, key, solver="ott", learn_weights=True)

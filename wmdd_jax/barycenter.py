@@ -89,6 +89,12 @@ class SolverOptions(NamedTuple):
     anneal: relative epsilons of "deterministic annealing" iterations run first, which move the
       support to the centroids of *soft* entropic plans, e.g. (0.2, 0.1, 0.05, 0.02); large
       epsilon smooths away poor local optima. Empty: none.
+    solver: "semidual" (the default above) or "ott": OTT-JAX's FreeWassersteinBarycenter
+      (Sinkhorn on a point-cloud geometry) from the same k-means++ start, the reference entropic
+      solver; about two orders of magnitude slower at n=5000, d=512, k=50 on CPU, and its
+      entropic plans blur the support (uniform weights only).
+    ott_epsilon: OTT's entropic regularisation, relative to the mean cost (its PointCloud
+      convention); static.
   """
 
   num_iterations: int = 30
@@ -100,6 +106,8 @@ class SolverOptions(NamedTuple):
   init_candidates: int | None = None
   num_inits: int = 1
   anneal: tuple[float, ...] = ()
+  solver: str = "semidual"
+  ott_epsilon: float = 0.01
 
 
 # Levenberg-Marquardt damping values tried in parallel at each Newton step. The scaled Hessian
@@ -432,6 +440,24 @@ def _balanced(
   return support, _dual_w2(_sq_dists(points, sq_norms, support), mass, w, g)
 
 
+def _ott_barycenter(points: jax.Array, mass: jax.Array, support: jax.Array,
+                    opts: SolverOptions) -> jax.Array:
+  """OTT-JAX's free-support barycenter of one measure, started from ``support`` f32[k, d]."""
+  from ott.problems.linear import barycenter_problem  # noqa: PLC0415 - optional solver
+  from ott.solvers.linear import continuous_barycenter, sinkhorn  # noqa: PLC0415
+
+  # OTT's barycenter geometries take an absolute, static epsilon; rescaling the points so the
+  # mean pairwise cost is 1 makes ``ott_epsilon`` relative (barycenters are scale-equivariant).
+  centre = mass @ points
+  scale = jnp.sqrt(jnp.maximum(2.0 * (mass @ jnp.sum(jnp.square(points - centre), -1)), _TINY))
+  problem = barycenter_problem.FreeBarycenterProblem(
+      y=(points / scale)[None], b=mass[None], epsilon=float(opts.ott_epsilon))
+  solver = continuous_barycenter.FreeWassersteinBarycenter(
+      sinkhorn.Sinkhorn(threshold=1e-3, max_iterations=2000),
+      max_iterations=opts.num_iterations, threshold=1e-5)
+  return solver(problem, bar_size=support.shape[0], x_init=support / scale).x * scale
+
+
 def _solve_one(
     points: jax.Array,
     mass: jax.Array,
@@ -454,6 +480,9 @@ def _solve_one(
     support, cell_mass, kmeans_cost = _lloyd(points, mass, sq_norms, support, lloyd_steps)
     if learn_weights:
       return support, cell_mass, kmeans_cost
+    if opts.solver == "ott":
+      return _ott_barycenter(points, mass, support, opts), jnp.full(
+          (num_support,), 1.0 / num_support, jnp.float32), kmeans_cost
     support, cost = _balanced(points, mass, sq_norms, support, opts, opts.num_inits > 1)
     return support, jnp.full((num_support,), 1.0 / num_support, jnp.float32), cost
 
@@ -530,6 +559,9 @@ def free_support_barycenter(
       or an unknown option.
   """
   opts = _options(solver_options)
+  if opts.solver not in ("semidual", "ott") or (opts.solver == "ott" and learn_weights):
+    raise ConfigError(f"barycenter solver={opts.solver!r}: use 'semidual', or 'ott' with "
+                      "uniform weights (OTT's barycenter does not learn weights).")
   points = jnp.asarray(points)
   if points.ndim != 2 or not jnp.issubdtype(points.dtype, jnp.floating):
     raise ShapeError(
