@@ -13,6 +13,16 @@ median is reported. Uses the default backend, so it runs unchanged on a GPU. Res
 ``bench/results/step.json`` with the machine; this machine is shared, so compare medians of one
 run only. Reference on the 2-core CPU this was written on: PyTorch 2.13 channels_last 1441 ms,
 naive jitted Flax 2206-2327 ms.
+
+What was found there (bench/results/step*.json): XLA:CPU (jax 0.10) hands these convolutions
+to YNNPACK, which keeps only ~1.4 of the 2 cores busy; compiling the step without it
+(``compile(compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})``, or the same flag in
+XLA_FLAGS) uses both cores for about the same CPU time and brought the step from ~2.1-2.9 s to
+~1.43-1.58 s, on par with PyTorch. Beyond that nothing measurably helped: one-pass moments,
+donation, bf16 compute (no faster on this CPU), oneDNN/XNNPACK convolutions, splitting the batch
+over 2 host devices; skipping the BN capture altogether saves only ~5-10%. (A ConvNet teacher's
+train step is ~10% *slower* without YNNPACK, so this is a per-executable choice.) On an H200:
+2.4 ms, bf16 1.7 ms.
 """
 
 from __future__ import annotations
