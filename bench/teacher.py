@@ -1,8 +1,8 @@
 """Benchmark: train a ConvNet-D3 teacher on Fashion-MNIST (and optionally a ResNet-18).
 
-    .venv/bin/python bench/teacher.py                    # ConvNet-D3, ~15 min on 2 idle cores
-    .venv/bin/python bench/teacher.py --resnet_epochs=2  # also a short ResNet-18 (cifar stem)
-    .venv/bin/python bench/teacher.py --epochs=1 --max_steps=20 --out=/tmp/t.json  # smoke test
+    .venv/bin/python -m bench.teacher                    # ConvNet-D3, ~15 min on 2 idle cores
+    .venv/bin/python -m bench.teacher --resnet_epochs=2  # also a short ResNet-18 (cifar stem)
+    .venv/bin/python -m bench.teacher --epochs=1 --max_steps=20 --out=/tmp/t.json  # smoke test
 
 Reads the IDX files through ``open_dataset("idx:<dir>")`` (default ``../shared/datasets/
 fashion-mnist`` next to the repository), trains with :func:`wmdd_jax.train.train_teacher` and
@@ -16,34 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 
-import jax
+from bench.common import machine
+from wmdd_jax.data import open_dataset
+from wmdd_jax.models import get_model
+from wmdd_jax.train import TeacherConfig, train_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from wmdd_jax.data import open_dataset  # noqa: E402
-from wmdd_jax.models import get_model  # noqa: E402
-from wmdd_jax.train import TeacherConfig, train_teacher  # noqa: E402
-
-
-def machine() -> dict:
-  return {
-      "backend": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()],
-      "device_kind": jax.devices()[0].device_kind,
-      "cpu_count": os.cpu_count(),
-      "processor": platform.processor() or platform.machine(),
-      "load_average_at_end": os.getloadavg(),
-      "jax": jax.__version__,
-      "python": platform.python_version(),
-  }
 
 
 def run(name: str, model_name: str, model_options: dict, ds, config: TeacherConfig,

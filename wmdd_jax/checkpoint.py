@@ -371,8 +371,10 @@ class RecoverCheckpointer:
     del metrics
     step = int(state.step)
     if step - self._last_saved.get(chunk, 0) >= self.save_every or step >= self.iterations:
-      # A host copy: the jitted step donates the device buffers right after this returns.
-      self._manager(chunk).save(step, args=ocp.args.StandardSave(jax.device_get(state)))
+      # A copy on device (sharded states stay sharded: each process writes its own shards): the
+      # next jitted step donates, i.e. frees, the buffers it is given while the save runs.
+      snapshot = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+      self._manager(chunk).save(step, args=ocp.args.StandardSave(snapshot))
       self._last_saved[chunk] = step
 
   def close(self) -> None:

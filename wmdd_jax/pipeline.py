@@ -13,6 +13,14 @@ function. Every stage saves its outputs under ``workdir`` and is skipped when th
 
 Keys: one root key ``key(config.seed)``; each stage gets ``fold_in(root, crc32(stage name))``, so
 re-running or resuming any stage reproduces it bit for bit.
+
+Devices (``config.parallel``): with ``mesh="auto"`` (the default) and more than one device, the
+statistics pass and the student are data-parallel and barycenters and recover split the classes
+over one mesh of all devices (:mod:`wmdd_jax.parallel`); with one device nothing changes.
+``memory_budget_bytes`` > 0 sizes recover's class chunk from the compiled step's memory per
+device. The teacher stage keeps its own data-parallel loop (:mod:`wmdd_jax.train`). The pipeline
+runs as one process; several processes are supported by the library stages, not yet here (their
+artefacts are written by one process; see :func:`run`).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import jax
 import numpy as np
 
 from wmdd_jax import barycenter as barycenter_lib
-from wmdd_jax import checkpoint, relabel, report, stats, synthesis
+from wmdd_jax import checkpoint, parallel, relabel, report, stats, synthesis
 from wmdd_jax import train as train_lib
 from wmdd_jax.data import open_dataset
 from wmdd_jax.errors import ConfigError
@@ -75,6 +83,8 @@ def default_config():
       "weight_decay": 0.01, "temperature": 20.0, "eval_every": 25, "use_weights": True,
       "crop_scale": (0.08, 1.0), "cutmix": True,
   })
+  # mesh: "auto" (all devices when there are several), "on" (always) or "off" (default device).
+  c.parallel = ml_collections.ConfigDict({"mesh": "auto", "memory_budget_bytes": 0})
   return c
 
 
@@ -92,6 +102,20 @@ def debug_config(config: Any) -> Any:
     c.eval.epochs = min(int(c.eval.epochs), 2)
     c.eval.eval_every = 1
   return c
+
+
+MESH_MODES = ("auto", "on", "off")
+
+
+def device_mesh(config: Any) -> jax.sharding.Mesh | None:
+  """The mesh the parallel stages use (``config.parallel.mesh``), or None for one device."""
+  section = config.get("parallel") or {}
+  mode = section.get("mesh", "auto")
+  if mode not in MESH_MODES:
+    raise ConfigError(f"config.parallel.mesh={mode!r} is not one of {MESH_MODES}.")
+  if mode == "off" or (mode == "auto" and jax.device_count() == 1):
+    return None
+  return parallel.make_mesh()
 
 
 def stage_key(root: jax.Array, name: str) -> jax.Array:
@@ -176,7 +200,7 @@ def _split(config, which: str) -> str:
   return config.dataset.get(f"{which}_split", which)
 
 
-def _statistics(config, dataset, model, variables, workdir, timings, log):
+def _statistics(config, dataset, model, variables, workdir, timings, log, mesh=None):
   path = os.path.join(workdir, "stats.npz")
   if os.path.exists(path):
     data = np.load(path)
@@ -194,7 +218,7 @@ def _statistics(config, dataset, model, variables, workdir, timings, log):
         model, variables, dataset.iter_batches(_split(config, "train"), batch),
         num_classes=dataset.num_classes, image_shape=dataset.image_shape, mean=dataset.mean,
         std=dataset.std, batch_size=batch, total=dataset.num_examples(_split(config, "train")),
-        feature_path=os.path.join(workdir, "features.npy"))
+        feature_path=os.path.join(workdir, "features.npy"), mesh=mesh)
     arrays = {"num_layers": len(st.mean), "counts": st.counts, "labels": feats.labels}
     for name in ("mean", "var", "global_mean", "global_var"):
       for i, a in enumerate(getattr(st, name)):
@@ -204,7 +228,7 @@ def _statistics(config, dataset, model, variables, workdir, timings, log):
   return st, feats
 
 
-def _barycenters(config, features, num_classes, ipc, root, workdir, timings, log):
+def _barycenters(config, features, num_classes, ipc, root, workdir, timings, log, mesh=None):
   path = os.path.join(workdir, "barycenter.npz")
   if os.path.exists(path):
     data = np.load(path)
@@ -214,9 +238,15 @@ def _barycenters(config, features, num_classes, ipc, root, workdir, timings, log
   learn = bool(options.pop("learn_weights", False))
   options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
   with _Timer(timings, "barycenter"):
-    bary = barycenter_lib.class_barycenters(
-        np.asarray(features.features), features.labels, num_classes, ipc,
-        stage_key(root, "barycenter"), learn_weights=learn, **options)
+    if mesh is None:
+      bary = barycenter_lib.class_barycenters(
+          np.asarray(features.features), features.labels, num_classes, ipc,
+          stage_key(root, "barycenter"), learn_weights=learn, **options)
+    else:
+      options.pop("classes_per_batch", None)  # the mesh splits all classes at once
+      bary = parallel.class_barycenters(
+          np.asarray(features.features), features.labels, num_classes, ipc,
+          stage_key(root, "barycenter"), mesh=mesh, learn_weights=learn, **options)
     bary = barycenter_lib.Barycenter(np.asarray(bary.support), np.asarray(bary.weights))
     _save_npz(path, support=bary.support, weights=bary.weights)
   log(f"barycenters: {num_classes} classes x {ipc} points")
@@ -240,7 +270,7 @@ def _random_real(dataset, split, ipc, key):
   return np.stack(out)
 
 
-def _synthesize(config, dataset, model, variables, workdir, root, timings, log):
+def _synthesize(config, dataset, model, variables, workdir, root, timings, log, mesh=None):
   synset_path = os.path.join(workdir, "synset")
   if os.path.exists(synset_path):
     log("synthetic set: loaded")
@@ -255,9 +285,9 @@ def _synthesize(config, dataset, model, variables, workdir, root, timings, log):
     weights = uniform
   else:
     options = recover_options(config)
-    st, feats = _statistics(config, dataset, model, variables, workdir, timings, log)
+    st, feats = _statistics(config, dataset, model, variables, workdir, timings, log, mesh)
     if options.feature_target == "barycenter":
-      bary = _barycenters(config, feats, c, ipc, root, workdir, timings, log)
+      bary = _barycenters(config, feats, c, ipc, root, workdir, timings, log, mesh)
       support, weights = bary.support, bary.weights
     else:
       support, weights = np.zeros((c, ipc, 1), np.float32), uniform
@@ -267,6 +297,8 @@ def _synthesize(config, dataset, model, variables, workdir, root, timings, log):
       initial = _random_real(dataset, _split(config, "train"), ipc,
                              stage_key(root, "recover_init"))
     every = int(config.recover.get("checkpoint_every", 100))
+    budget = int((config.get("parallel") or {}).get("memory_budget_bytes", 0) or 0)
+    # Sharded states are saved shard by shard, without gathering them on one host.
     with _Timer(timings, "recover"), checkpoint.RecoverCheckpointer(
         os.path.join(workdir, "recover_ckpt"), save_every=every,
         iterations=options.iterations) as ckpt:
@@ -274,7 +306,8 @@ def _synthesize(config, dataset, model, variables, workdir, root, timings, log):
           model, variables, targets, ipc=ipc, image_shape=dataset.image_shape,
           mean=dataset.mean, std=dataset.std, options=options, key=stage_key(root, "recover"),
           class_chunk=int(config.recover.get("class_chunk", 0)), initial_images=initial,
-          resume=ckpt.resume, on_block=ckpt.on_block)
+          resume=ckpt.resume, on_block=ckpt.on_block, mesh=mesh,
+          memory_budget_bytes=budget or None)
     _save_npz(os.path.join(workdir, "recover_history.npz"), **history)
     log(f"recover: {options.iterations} steps, final loss {history['loss'][-1]:.4g}")
   synset = checkpoint.SyntheticSet(
@@ -285,7 +318,8 @@ def _synthesize(config, dataset, model, variables, workdir, root, timings, log):
   return synset, history
 
 
-def _evaluate(config, dataset, teacher_model, teacher_vars, synset, workdir, root, timings, log):
+def _evaluate(config, dataset, teacher_model, teacher_vars, synset, workdir, root, timings, log,
+              mesh=None):
   path = os.path.join(workdir, "eval.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -305,7 +339,8 @@ def _evaluate(config, dataset, teacher_model, teacher_vars, synset, workdir, roo
     result = relabel.train_student(
         student, teacher_model, teacher_vars, images, weights,
         dataset.load_split(_split(config, "test")),
-        mean=dataset.mean, std=dataset.std, options=options, key=stage_key(root, "student"))
+        mean=dataset.mean, std=dataset.std, options=options, key=stage_key(root, "student"),
+        mesh=mesh)
   out = {"test_top1": float(result.top1), "test_top5": float(result.top5),
          "best_top1": float(result.best_top1), "best_top5": float(result.best_top5),
          "student": student_name,
@@ -316,12 +351,30 @@ def _evaluate(config, dataset, teacher_model, teacher_vars, synset, workdir, roo
   return out
 
 
-def run(config: Any, workdir: str, *, log=print) -> dict[str, Any]:
-  """Runs (or resumes) every stage and writes ``workdir/metrics.json``; returns the metrics."""
+def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[str, Any]:
+  """Runs (or resumes) every stage and writes ``workdir/metrics.json``; returns the metrics.
+
+  With ``evaluate=False`` it stops after the synthetic set (``workdir/synset`` and ``grid.png``)
+  and returns ``{"synset": path, "seconds": ...}`` (``experiments/recover.py``).
+
+  Raises:
+    ConfigError: an unknown method or mesh mode, or several processes (see the module
+      docstring).
+  """
   if config.get("debug", False):
     config = debug_config(config)
   if config.method not in METHODS:
     raise ConfigError(f"config.method={config.method!r} is not one of {METHODS}.")
+  parallel.initialize_distributed()  # a no-op unless WMDD_COORDINATOR is set
+  if jax.process_count() > 1:
+    # Every artefact (npz files, Orbax teacher and synthetic set) is written by each process to
+    # the same paths, which would race; only the library stages are multi-process so far.
+    raise ConfigError(
+        f"pipeline.run is running in {jax.process_count()} processes; it supports one process "
+        "with any number of local devices. Unset WMDD_COORDINATOR (and JAX_COORDINATOR_ADDRESS), "
+        "or drive the multi-process stages directly (stats.compute_class_statistics, "
+        "parallel.class_barycenters, synthesis.recover and relabel.train_student with mesh=).")
+  mesh = device_mesh(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -338,11 +391,17 @@ def run(config: Any, workdir: str, *, log=print) -> dict[str, Any]:
     model, variables, meta = _teacher(config, dataset, workdir, root, timings, log)
     report.write_json(timings_path, timings)
     variables = jax.device_put(variables)
-    synset, history = _synthesize(config, dataset, model, variables, workdir, root, timings, log)
+    synset, history = _synthesize(config, dataset, model, variables, workdir, root, timings, log,
+                                  mesh)
     report.write_json(timings_path, timings)
     mean, std = np.asarray(synset.mean), np.asarray(synset.std)
     report.save_grid(os.path.join(workdir, "grid.png"), synset.images * std + mean)
-    result = _evaluate(config, dataset, model, variables, synset, workdir, root, timings, log)
+    if not evaluate:
+      log(f"synthetic set: {os.path.join(workdir, 'synset')}, grid: "
+          f"{os.path.join(workdir, 'grid.png')}")
+      return {"synset": os.path.join(workdir, "synset"), "seconds": timings}
+    result = _evaluate(config, dataset, model, variables, synset, workdir, root, timings, log,
+                       mesh)
   finally:
     report.write_json(timings_path, timings)
   if history is None and os.path.exists(os.path.join(workdir, "recover_history.npz")):
@@ -378,4 +437,5 @@ def run(config: Any, workdir: str, *, log=print) -> dict[str, Any]:
   return metrics
 
 
-__all__ = ["METHODS", "default_config", "recover_options", "run", "stage_key"]
+__all__ = ["MESH_MODES", "METHODS", "default_config", "device_mesh", "recover_options", "run",
+           "stage_key"]

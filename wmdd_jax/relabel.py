@@ -27,9 +27,14 @@ into three streams (:func:`stream_keys`): student initialisation, the per-epoch 
 pure function of (key, epoch, step) and are recomputed on the fly: nothing is stored, and a run
 is reproducible from its key alone.
 
-Not implemented: caching soft labels (they are cheap to recompute next to the student's step),
-and data parallelism across devices for the student step (it runs on the default device; the
-evaluation reuses :func:`wmdd_jax.train.evaluate`, which is data-parallel).
+Several devices (``mesh=``, see :mod:`wmdd_jax.parallel`): each step's batch is split over the
+mesh after it is gathered from the (replicated) synthetic set; student, teacher and optimiser
+state are replicated, and XLA turns the student's train-mode BN statistics and the gradient into
+cross-device reductions over the global batch, so one epoch equals the single-device epoch up to
+round-off. The evaluation reuses :func:`wmdd_jax.train.evaluate`, data-parallel over each
+process's local devices.
+
+Not implemented: caching soft labels (they are cheap to recompute next to the student's step).
 """
 
 from __future__ import annotations
@@ -45,8 +50,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from wmdd_jax import parallel
 from wmdd_jax import train as train_lib
 from wmdd_jax.data import transforms
 from wmdd_jax.errors import ConfigError, DataError, NonFiniteError, ShapeError
@@ -415,7 +422,8 @@ def make_optimizer(options: StudentOptions, steps_per_epoch: int) -> optax.Gradi
 
 
 def make_student_step(
-    student_model: nn.Module, teacher_model: nn.Module, options: StudentOptions
+    student_model: nn.Module, teacher_model: nn.Module, options: StudentOptions, *,
+    mesh: Mesh | None = None,
 ) -> Callable[..., tuple[train_lib.TrainState, jax.Array]]:
   """Builds the jitted step ``(state, teacher_variables, images, weights, idx, views_key, epoch,
   step)``.
@@ -424,10 +432,19 @@ def make_student_step(
   device); ``idx`` i32[B] picks the batch; the views use ``batch_key(views_key, epoch, step)``.
   The step makes the views, the teacher's soft labels and one AdamW update of the student in
   train mode; ``state`` is donated. It returns ``(state, loss f32[])``.
+
+  With a ``mesh`` every argument is replicated and the batch (``images[idx]``) is split over the
+  mesh inside the step; the new state and the loss come back replicated.
   """
 
   def train_step(state, teacher_variables, images, weights, idx, views_key, epoch, step):
-    batch = relabel_batch(teacher_model, teacher_variables, images[idx], weights[idx],
+    batch_images, batch_weights = images[idx], weights[idx]
+    if mesh is not None:
+      # Everything downstream (views, soft labels, the student) follows the batch's split.
+      split = parallel.batch_sharding(mesh)
+      batch_images = jax.lax.with_sharding_constraint(batch_images, split)
+      batch_weights = jax.lax.with_sharding_constraint(batch_weights, split)
+    batch = relabel_batch(teacher_model, teacher_variables, batch_images, batch_weights,
                           batch_key(views_key, epoch, step), options)
     batch_weights = batch.weights if options.use_weights else None
 
@@ -441,7 +458,10 @@ def make_student_step(
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss
 
-  return jax.jit(train_step, donate_argnums=(0,))
+  if mesh is None:
+    return jax.jit(train_step, donate_argnums=(0,))
+  rep = parallel.replicated(mesh)
+  return jax.jit(train_step, donate_argnums=(0,), in_shardings=rep, out_shardings=rep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,6 +502,7 @@ def train_student(
     std: tuple[float, ...] = (1.0,),
     options: StudentOptions = StudentOptions(),
     key: jax.Array | None = None,
+    mesh: Mesh | None = None,
 ) -> StudentResult:
   """Trains a student from scratch on the synthetic set with on-the-fly soft labels.
 
@@ -500,6 +521,9 @@ def train_student(
     std: per-channel std.
     options: StudentOptions.
     key: the run's key; default ``jax.random.key(options.seed)``.
+    mesh: split each step's batch over this device mesh (:func:`wmdd_jax.parallel.make_mesh`);
+      None: the default device. With several processes every process calls this with the same
+      arguments.
 
   Returns:
     A StudentResult.
@@ -532,7 +556,11 @@ def train_student(
   steps_per_epoch = len(epoch_batches(shuffle_key, 0, n, options.batch_size))
   state = train_lib.create_train_state(student_model, variables,
                                        make_optimizer(options, steps_per_epoch))
-  step_fn = make_student_step(student_model, teacher_model, options)
+  step_fn = make_student_step(student_model, teacher_model, options, mesh=mesh)
+  if mesh is not None:
+    state = parallel.replicate(state, mesh, copy=True)  # copy: the step donates it
+    teacher_variables, images, weights = parallel.replicate(
+        (teacher_variables, images, weights), mesh)
   eval_step = train_lib.make_eval_step(student_model, mean=tuple(mean), std=tuple(std))
 
   history: list[EvalRecord] = []
@@ -555,8 +583,12 @@ def train_student(
       postfix = {"loss": f"{train_loss:.4g}"}
       if test_data is not None and ((epoch + 1) % options.eval_every == 0
                                     or epoch + 1 == options.epochs):
+        current = {"params": state.params, "batch_stats": state.batch_stats}
+        if mesh is not None:
+          # evaluate() replicates over this process's devices; a host copy moves anywhere.
+          current = parallel.gather(current)
         result = train_lib.evaluate(
-            student_model, {"params": state.params, "batch_stats": state.batch_stats},
+            student_model, current,
             test_data, mean=tuple(mean), std=tuple(std), batch_size=options.eval_batch_size,
             eval_step=eval_step)
         history.append(EvalRecord(epoch + 1, result["top1"], result["top5"], train_loss))

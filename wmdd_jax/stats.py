@@ -7,6 +7,14 @@ per-sample moments (see :mod:`wmdd_jax.models.base`) give per-class (count, mean
 batch, merged into the running per-class state with Chan's parallel update, which avoids the
 cancellation of E[x^2] - E[x]^2. The state is O(C x total BN channels), so ImageNet-1K fits;
 features are kept in host memory or, for large sets, written to a memory-mapped ``.npy`` file.
+
+Data parallel (``mesh=``, see :mod:`wmdd_jax.parallel`): each batch is split along the mesh's
+axis and the accumulator replicated, so XLA turns the per-class sums into cross-device
+reductions; the result equals the single-device one up to round-off. With several processes each
+one feeds its own shard of the data (``iter_batches(..., process_index=jax.process_index(),
+process_count=jax.process_count())``); the statistics are global on every process, the features
+are the process's own rows (:func:`wmdd_jax.parallel.gather_interleaved` restores the global
+order).
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from wmdd_jax import parallel
 from wmdd_jax.errors import DataError, NonFiniteError, ShapeError
 from wmdd_jax.models.base import apply_model
 
@@ -58,12 +68,18 @@ class Features(NamedTuple):
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 in the per-class sums on GPUs
 
 
-def make_stats_step(model: nn.Module, num_classes: int, mean: Any, std: Any):
+def make_stats_step(model: nn.Module, num_classes: int, mean: Any, std: Any, *,
+                    mesh: Mesh | None = None):
   """Builds the jitted per-batch accumulation step.
 
   The returned ``step(acc, variables, images u8[B, H, W, ch], labels i32[B], mask f32[B])`` adds
   one batch to the accumulator and also returns the batch's features f32[B, d]. ``mask`` zeroes
   padding rows, so the last (short) batch is padded to the same shape and nothing recompiles.
+
+  With a ``mesh`` the step takes ``acc`` and ``variables`` replicated and images, labels and mask
+  split along the mesh axis (B a multiple of the mesh size), and returns ``(acc, features,
+  live)``: features split like the batch and ``live`` f32[] the number of real (unmasked) rows of
+  the global batch, which tells processes that ran out of data when every process has.
   """
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
@@ -87,7 +103,16 @@ def make_stats_step(model: nn.Module, num_classes: int, mean: Any, std: Any):
       new["m2"].append(acc["m2"][layer] + m2_b + delta * delta * (n * frac[:, 0])[:, None])
     return new, out.features
 
-  return jax.jit(step, donate_argnums=(0,))
+  if mesh is None:
+    return jax.jit(step, donate_argnums=(0,))
+  rep, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+  def sharded_step(acc, variables, images, labels, mask):
+    new, features = step(acc, variables, images, labels, mask)
+    return new, features, jnp.sum(mask)
+
+  return jax.jit(sharded_step, donate_argnums=(0,), in_shardings=(rep, rep, split, split, split),
+                 out_shardings=(rep, split, rep))
 
 
 def _empty_accumulator(model, variables, image_shape, num_classes):
@@ -111,6 +136,7 @@ def compute_class_statistics(
     total: int | None = None,
     keep_features: bool = True,
     feature_path: str | os.PathLike | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[ClassStatistics, Features | None]:
   """Streams the real train split once through the eval-mode teacher.
 
@@ -128,9 +154,13 @@ def compute_class_statistics(
     keep_features: also return the penultimate features.
     feature_path: write features to this ``.npy`` file (memory-mapped; needs ``total``) instead of
       holding them in memory.
+    mesh: split each batch over this device mesh (:func:`wmdd_jax.parallel.make_mesh`); None:
+      the default device. ``batch_size`` is then per process, rounded up to a multiple of the
+      process's devices; with several processes ``batches`` is this process's shard.
 
   Returns:
-    (ClassStatistics, Features or None).
+    (ClassStatistics, Features or None). The statistics cover every process's data; with several
+    processes the features are this process's rows, in the order it read them.
 
   Raises:
     ShapeError: a batch with the wrong image shape or more than batch_size images.
@@ -139,9 +169,16 @@ def compute_class_statistics(
   """
   image_shape = tuple(image_shape)
   acc = _empty_accumulator(model, variables, image_shape, num_classes)
-  step = make_stats_step(model, num_classes, mean, std)
+  step = make_stats_step(model, num_classes, mean, std, mesh=mesh)
+  compiled_batch = batch_size
+  if mesh is not None:
+    # Pad every process's batch to a multiple of its devices, so the global batch splits evenly.
+    compiled_batch = parallel.padded_size(batch_size, parallel.local_batch_multiple(mesh))
+    acc = parallel.replicate(acc, mesh, copy=True)
+    variables = parallel.replicate(variables, mesh)
   feats, labs, offset = [], [], 0
   memmap = None
+  image_dtype = np.dtype(np.uint8)
   if keep_features and feature_path is not None:
     if total is None:
       raise ShapeError("feature_path needs total= (the number of images) to size the file; "
@@ -151,6 +188,7 @@ def compute_class_statistics(
     for images, labels in batches:
       images = np.asarray(images)
       labels = np.asarray(labels, np.int32)
+      image_dtype = images.dtype
       b = images.shape[0]
       if images.shape[1:] != image_shape or b > batch_size or labels.shape != (b,):
         raise ShapeError(
@@ -160,14 +198,19 @@ def compute_class_statistics(
       if b and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"labels must lie in [0, {num_classes}); got {labels.min()}.."
                         f"{labels.max()}. Check num_classes against the dataset.")
-      pad = batch_size - b
+      pad = compiled_batch - b
       mask = np.concatenate([np.ones(b, np.float32), np.zeros(pad, np.float32)])
       if pad:
         images = np.concatenate([images, np.zeros((pad, *image_shape), images.dtype)])
         labels = np.concatenate([labels, np.zeros(pad, np.int32)])
-      acc, f = step(acc, variables, images, labels, mask)
+      if mesh is None:
+        acc, f = step(acc, variables, images, labels, mask)
+      else:
+        acc, f, _ = step(acc, variables, *parallel.from_process_local((images, labels, mask),
+                                                                      mesh))
       if keep_features:
-        f = np.asarray(f[:b], np.float32)
+        f = np.asarray((f if mesh is None else parallel.to_process_local(f, mesh))[:b],
+                       np.float32)
         if memmap is None and feature_path is not None:
           memmap = np.lib.format.open_memmap(
               os.fspath(feature_path), mode="w+", dtype=np.float32, shape=(total, f.shape[1]))
@@ -178,6 +221,8 @@ def compute_class_statistics(
         labs.append(labels[:b].copy())
       offset += b
       bar.update(b)
+  if mesh is not None and jax.process_count() > 1:
+    acc = _drain(step, acc, variables, mesh, compiled_batch, image_shape, image_dtype)
   stats = finalize_statistics(jax.device_get(acc))
   features = None
   if keep_features:
@@ -189,6 +234,23 @@ def compute_class_statistics(
       features = Features(np.concatenate(feats) if feats else np.zeros((0, 0), np.float32),
                           labels_all)
   return stats, features
+
+
+def _drain(step, acc, variables, mesh, batch, image_shape, image_dtype):
+  """Keeps stepping with empty batches until no process has data left.
+
+  Every step is one collective program that all processes must run, but shards may differ by a
+  batch. A process that has run out feeds all-masked batches (which add nothing) and stops after
+  the first step in which no process had a real row; all processes see the same ``live`` count,
+  so they stop together.
+  """
+  # The same dtype as the real batches: every process must run the same compiled program.
+  empty = (np.zeros((batch, *image_shape), image_dtype), np.zeros(batch, np.int32),
+           np.zeros(batch, np.float32))
+  while True:
+    acc, _, live = step(acc, variables, *parallel.from_process_local(empty, mesh))
+    if float(live) == 0:
+      return acc
 
 
 def finalize_statistics(acc: dict[str, Any]) -> ClassStatistics:

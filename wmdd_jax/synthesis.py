@@ -18,11 +18,18 @@ Randomness is a pure function of (key, step, class id): initial noise uses
 ``fold_in(init_key, class_id)``, augmentation ``fold_in(key, step)`` (shared by every image, the
 official default) or ``fold_in(fold_in(key, step), class_id)`` per class when ``per_image``. So
 results do not depend on how classes are chunked, and a resumed run is bit-identical.
+
+Several devices (``mesh=``, see :mod:`wmdd_jax.parallel`): each chunk's class axis is split over
+the mesh (images, Adam moments, targets and class ids), the teacher is replicated, and every
+device optimises its own classes; chunks are padded to a multiple of the device count. The chunk
+can be chosen from a per-device memory budget (:func:`choose_class_chunk`), measured on the
+compiled step rather than guessed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -31,8 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from wmdd_jax import parallel
 from wmdd_jax.data import transforms
 from wmdd_jax.errors import ConfigError, NonFiniteError, ShapeError
 from wmdd_jax.models.base import apply_model, pool_moments
@@ -237,15 +246,21 @@ def clip_to_valid(images: jax.Array, mean: Any, std: Any) -> jax.Array:
   return transforms.clip_to_valid(images, jnp.asarray(mean), jnp.asarray(std))
 
 
-def make_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: Any
+def make_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: Any, *,
+                   mesh: Mesh | None = None
                    ) -> Callable[..., tuple[RecoverState, dict[str, jax.Array]]]:
   """Builds ``run(state, variables, targets, class_ids, key, num_steps)``.
 
   ``run`` performs ``num_steps`` Adam steps (jitted, donating ``state``; one ``lax.scan`` when
   ``options.scan``), and returns the new state and per-step metrics {"loss": f32[n],
   "class_loss": f32[n, C], "feature": f32[n], "bn": f32[n], "ce": f32[n]} (unweighted terms and
-  the weighted loss, each averaged over the chunk's classes). ``run.step`` is the jitted single
+  the weighted loss, each averaged over the chunk's classes), plus the unweighted terms per
+  class, "class_feature", "class_bn", "class_ce": f32[n, C]. ``run.step`` is the jitted single
   step ``(state, variables, targets, class_ids, key) -> (state, metrics)``.
+
+  With a ``mesh`` the inputs are expected split along the class axis (:func:`shard_chunk`), the
+  new state keeps that split (so the donated buffers are reused) and the metrics are replicated,
+  so every process can read them.
   """
   tx = make_optimizer(options)
   grad_fn = jax.grad(chunk_loss, has_aux=True)
@@ -261,8 +276,13 @@ def make_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: An
     images = transforms.clip_to_valid(optax.apply_updates(state.images, updates), mean, std)
     metrics = {"loss": jnp.mean(aux["class_loss"]), "class_loss": aux["class_loss"],
                "feature": jnp.mean(aux["feature"]), "bn": jnp.mean(aux["bn"]),
-               "ce": jnp.mean(aux["ce"])}
-    return RecoverState(images, opt_state, state.step + 1), metrics
+               "ce": jnp.mean(aux["ce"]), "class_feature": aux["feature"],
+               "class_bn": aux["bn"], "class_ce": aux["ce"]}
+    new = RecoverState(images, opt_state, state.step + 1)
+    if mesh is not None:
+      new = parallel.constrain_leading(new, mesh, images.shape[0])
+      metrics = parallel.constrain_replicated(metrics, mesh)
+    return new, metrics
 
   step = jax.jit(lambda state, variables, targets, class_ids, key: one_step(
       state, None, variables, targets, class_ids, key), donate_argnums=(0,))
@@ -286,6 +306,25 @@ def make_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: An
 
   run_steps.step = step
   return run_steps
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_update_fn(model, options, mean, std, mesh):
+  return make_update_fn(model, options, mean, std, mesh=mesh)
+
+
+def _shared_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: Any,
+                      mesh: Mesh | None):
+  """:func:`make_update_fn`, one per distinct (model, options, mean, std, mesh).
+
+  Sharing the jitted functions lets later calls reuse their compilations: the chunk size that
+  :func:`choose_class_chunk` measured, a resumed or repeated ``recover``.
+  """
+  try:
+    key = tuple(float(x) for x in np.ravel(mean)), tuple(float(x) for x in np.ravel(std))
+    return _cached_update_fn(model, options, *key, mesh)
+  except TypeError:  # an unhashable model: build a fresh one
+    return make_update_fn(model, options, mean, std, mesh=mesh)
 
 
 def check_finite(metrics: dict[str, np.ndarray], class_ids: np.ndarray, first_step: int):
@@ -316,6 +355,8 @@ def recover(
     resume: Callable[[int, RecoverState], RecoverState | None] | None = None,
     on_block: Callable[[int, RecoverState, dict[str, np.ndarray]], None] | None = None,
     progress: bool = True,
+    mesh: Mesh | None = None,
+    memory_budget_bytes: int | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Runs the recover stage over all classes, ``class_chunk`` classes at a time.
 
@@ -334,6 +375,14 @@ def recover(
     on_block: called after every ``steps_per_call`` block with (chunk_index, state, metrics of
       the block); use it to checkpoint or log.
     progress: show a tqdm bar.
+    mesh: split each chunk's classes over this device mesh (:func:`wmdd_jax.parallel.make_mesh`);
+      chunks are padded to a multiple of its size. None: the default device. With several
+      processes every process runs ``recover`` (on the same targets) and gets all the images;
+      ``resume``/``on_block`` see sharded states (use
+      :class:`wmdd_jax.checkpoint.RecoverCheckpointer`).
+    memory_budget_bytes: when set, the chunk is the largest (at most ``class_chunk``, or all
+      classes) whose compiled step needs at most this many bytes per device
+      (:func:`choose_class_chunk`).
 
   Returns:
     (images f32[C, k, H, W, ch], history) with history {"loss", "feature", "bn", "ce"}: f32[T]
@@ -354,7 +403,16 @@ def recover(
   chunk = class_chunk or num_classes
   init_key = jax.random.fold_in(key, 0)
   aug_key = jax.random.fold_in(key, 1)
-  run = make_update_fn(model, options, mean, std)
+  run = _shared_update_fn(model, options, mean, std, mesh)
+  if memory_budget_bytes:
+    chunk = choose_class_chunk(model, variables, targets, ipc=ipc, image_shape=image_shape,
+                               mean=mean, std=std, options=options,
+                               memory_budget_bytes=memory_budget_bytes, mesh=mesh,
+                               max_chunk=chunk, step=run.step)
+  if mesh is not None:
+    chunk = parallel.padded_size(chunk, mesh.devices.size)
+    variables = parallel.replicate(variables, mesh)
+    init_key, aug_key = parallel.replicate((init_key, aug_key), mesh)
   images_out = np.zeros((num_classes, ipc, *image_shape), np.float32)
   # history[name][chunk, step]; NaN where a resumed chunk's earlier steps were not seen.
   names = ("loss", "feature", "bn", "ce")
@@ -367,22 +425,32 @@ def recover(
   bar = tqdm(total=len(chunks) * options.iterations, desc="recover", unit="step",
              disable=not progress, leave=False)
   for index, class_ids in enumerate(chunks):
-    if options.init == "real":
-      start = jnp.asarray(initial_images[class_ids], jnp.float32)
+    if mesh is not None:
+      state, chunk_targets, ids = shard_chunk(
+          mesh, targets, class_ids, init_key=init_key, ipc=ipc, image_shape=image_shape,
+          options=options, initial_images=initial_images)
     else:
-      start = init_images(init_key, class_ids, ipc, image_shape)
-    state = init_state(start, options)
+      if options.init == "real":
+        start = jnp.asarray(initial_images[class_ids], jnp.float32)
+      else:
+        start = init_images(init_key, class_ids, ipc, image_shape)
+      state = init_state(start, options)
+      chunk_targets = jax.tree.map(jnp.asarray, targets.take(class_ids))
+      ids = jnp.asarray(class_ids, jnp.int32)
     if resume is not None:
       state = resume(index, state) or state
-    chunk_targets = jax.tree.map(jnp.asarray, targets.take(class_ids))
-    ids = jnp.asarray(class_ids, jnp.int32)
     done = int(state.step)
     bar.update(done)
+    real = parallel.first_occurrences(class_ids)
     while done < options.iterations:
       n = min(options.steps_per_call, options.iterations - done)
       state, metrics = run(state, variables, chunk_targets, ids, aug_key, num_steps=n)
       metrics = jax.device_get(metrics)
       check_finite(metrics, class_ids, done)
+      if not real.all():
+        # The history averages over the chunk's real classes, not its padding repeats.
+        for k in names:
+          metrics[k] = metrics["class_loss" if k == "loss" else f"class_{k}"][:, real].mean(1)
       for k in names:
         history[k][index, done:done + n] = metrics[k]
       done += n
@@ -390,8 +458,213 @@ def recover(
       bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4g}", chunk=index)
       if on_block is not None:
         on_block(index, state, metrics)
-    real = np.concatenate([[True], class_ids[1:] != class_ids[:-1]])
-    images_out[class_ids[real]] = np.asarray(state.images)[real]
+    images_out[class_ids[real]] = parallel.gather(state.images)[real]
   bar.close()
   with np.errstate(all="ignore"):
     return images_out, {k: np.nanmean(v, axis=0) for k, v in history.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Several devices.
+
+
+def shard_chunk(
+    mesh: Mesh,
+    targets: RecoverTargets,
+    class_ids: np.ndarray,
+    *,
+    init_key: jax.Array,
+    ipc: int,
+    image_shape: Sequence[int],
+    options: RecoverOptions,
+    initial_images: np.ndarray | None = None,
+) -> tuple[RecoverState, RecoverTargets, jax.Array]:
+  """The fresh state, targets and ids of one chunk, split along the class axis of ``mesh``.
+
+  The initial noise is drawn on the devices that own each class (the same values as
+  :func:`init_images`: random bits do not depend on the sharding), so no device ever holds the
+  whole chunk.
+
+  Args:
+    mesh: the device mesh.
+    targets: RecoverTargets of all classes (host or device arrays, the same on every process).
+    class_ids: i32[C_chunk], a multiple of the mesh size.
+    init_key: the key of the initial noise.
+    ipc: k.
+    image_shape: (H, W, ch).
+    options: RecoverOptions.
+    initial_images: f32[C, k, H, W, ch] for ``options.init == "real"``.
+
+  Returns:
+    (RecoverState, RecoverTargets, class ids i32[C_chunk]), split over the mesh (the global BN
+    targets and the step counters replicated).
+  """
+  class_ids = np.asarray(class_ids, np.int32)
+  c = class_ids.size
+  if c % mesh.devices.size:
+    raise ShapeError(f"a chunk of {c} classes does not split over {mesh.devices.size} devices; "
+                     "pad it with parallel.pad_class_ids.")
+  split = parallel.class_sharding(mesh)
+  ids = jax.device_put(class_ids, split)
+  if options.init == "real":
+    start = jax.device_put(np.asarray(initial_images[class_ids], np.float32), split)
+  else:
+    start = jax.jit(init_images, static_argnums=(2, 3), out_shardings=split)(
+        init_key, ids, ipc, tuple(image_shape))
+  state = jax.jit(lambda x: parallel.constrain_leading(init_state(x, options), mesh, c))(start)
+  host = jax.tree.map(np.asarray, targets)
+  chunk_targets = RecoverTargets(
+      features=jax.device_put(host.features[class_ids], split),
+      bn_mean=jax.device_put(tuple(m[class_ids] for m in host.bn_mean), split),
+      bn_var=jax.device_put(tuple(v[class_ids] for v in host.bn_var), split),
+      global_mean=parallel.replicate(host.global_mean, mesh),
+      global_var=parallel.replicate(host.global_var, mesh))
+  return state, chunk_targets, ids
+
+
+def choose_class_chunk(
+    model: nn.Module,
+    variables: dict[str, Any],
+    targets: RecoverTargets,
+    *,
+    ipc: int,
+    image_shape: Sequence[int],
+    mean: Any,
+    std: Any,
+    options: RecoverOptions,
+    memory_budget_bytes: int,
+    mesh: Mesh | None = None,
+    max_chunk: int | None = None,
+    step: Callable[..., Any] | None = None,
+) -> int:
+  """The largest chunk of classes whose recover step fits ``memory_budget_bytes`` per device.
+
+  The step is compiled ahead of time on abstract inputs (no data, no device memory) and sized by
+  XLA's memory analysis (:func:`wmdd_jax.parallel.peak_bytes`): at one and two classes per
+  device, from which a straight-line fit predicts the largest chunk that fits; that prediction
+  is compiled and checked, and shrunk until it fits. Typically three compilations.
+
+  Args:
+    model, variables: the teacher.
+    targets: RecoverTargets of all classes (for the shapes).
+    ipc: k.
+    image_shape: (H, W, ch).
+    mean, std: normalisation constants.
+    options: RecoverOptions.
+    memory_budget_bytes: bytes per device the step may use (leave room for the framework).
+    mesh: the device mesh; None: one device.
+    max_chunk: upper bound (default: all classes); rounded up to a multiple of the mesh size.
+    step: the jitted step to measure, ``make_update_fn(...).step`` for the same options and
+      mesh; measuring it fills its compilation cache, so the chosen size is not compiled twice.
+      Default: the one :func:`recover` uses for these arguments.
+
+  Returns:
+    The chunk size, a multiple of the mesh size.
+
+  Raises:
+    ConfigError: even one class per device does not fit, or the backend reports no memory
+      analysis.
+  """
+  devices = 1 if mesh is None else mesh.devices.size
+  num_classes = int(targets.bn_mean[0].shape[0]) if targets.bn_mean else int(
+      targets.features.shape[0])
+  limit = parallel.padded_size(max_chunk or num_classes, devices)
+  step = step or _shared_update_fn(model, options, mean, std, mesh).step
+  measured: dict[int, int] = {}
+
+  def measure(c: int) -> int:
+    if c not in measured:
+      peak = recover_step_bytes(model, variables, targets, c, ipc=ipc, image_shape=image_shape,
+                                mean=mean, std=std, options=options, mesh=mesh, step=step)
+      if peak is None:
+        raise ConfigError(f"the {jax.default_backend()} backend reports no memory analysis, so "
+                          "memory_budget_bytes cannot size the chunk; set recover class_chunk "
+                          "instead.")
+      measured[c] = peak
+    return measured[c]
+
+  smallest = measure(devices)
+  if smallest > memory_budget_bytes:
+    raise ConfigError(
+        f"one class per device needs {smallest / 2**20:.0f} MiB for the recover step, over the "
+        f"memory budget of {memory_budget_bytes / 2**20:.0f} MiB per device; raise "
+        "memory_budget_bytes, lower ipc, or use more devices.")
+  if limit == devices:
+    return devices
+  slope = max(measure(2 * devices) - smallest, 1)  # bytes per extra class per device
+  per_device = 1 + (memory_budget_bytes - smallest) // slope
+  chunk = int(min(limit, max(devices, per_device * devices)))
+  while chunk > devices and measure(chunk) > memory_budget_bytes:
+    # Shrink in proportion to the overshoot (at least one class per device).
+    shrink = int(chunk * memory_budget_bytes / measure(chunk)) // devices * devices
+    chunk = max(devices, min(chunk - devices, shrink))
+  return chunk
+
+
+def lower_recover_step(
+    model: nn.Module,
+    variables: Any,
+    targets: RecoverTargets,
+    chunk: int,
+    *,
+    ipc: int,
+    image_shape: Sequence[int],
+    mean: Any,
+    std: Any,
+    options: RecoverOptions,
+    mesh: Mesh | None = None,
+    step: Callable[..., Any] | None = None,
+) -> Any:
+  """One recover step on ``chunk`` classes, lowered ahead of time on abstract inputs.
+
+  Nothing is allocated: the step is lowered on ``jax.ShapeDtypeStruct`` inputs with the shardings
+  :func:`recover` uses (class axis split over ``mesh``, the rest replicated). Compile the result
+  for its memory analysis (:func:`recover_step_bytes`).
+
+  Args:
+    model: the teacher module.
+    variables: its variables, arrays or ``jax.ShapeDtypeStruct`` (only shapes are used).
+    targets: RecoverTargets of any number of classes, arrays or ShapeDtypeStructs (shapes only).
+    chunk: classes in the chunk (a multiple of the mesh size).
+    ipc: k.
+    image_shape: (H, W, ch).
+    mean, std: normalisation constants.
+    options: RecoverOptions.
+    mesh: the device mesh; None: one device.
+    step: the jitted step (``make_update_fn(...).step``); default: the one :func:`recover` uses
+      for these arguments.
+
+  Returns:
+    A ``jax.stages.Lowered``.
+  """
+  step = step or _shared_update_fn(model, options, mean, std, mesh).step
+  rep = None if mesh is None else parallel.replicated(mesh)
+  split = None if mesh is None else parallel.class_sharding(mesh)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  images = f32(chunk, ipc, *image_shape)
+  state = jax.eval_shape(lambda x: init_state(x, options), images)
+  on_classes = lambda x: split if x.ndim >= 1 and x.shape[0] == chunk else rep
+  per_class = lambda xs: tuple(f32(chunk, *np.shape(x)[1:]) for x in xs)
+  chunk_targets = RecoverTargets(
+      features=parallel.abstract(f32(chunk, *np.shape(targets.features)[1:]), on_classes),
+      bn_mean=parallel.abstract(per_class(targets.bn_mean), on_classes),
+      bn_var=parallel.abstract(per_class(targets.bn_var), on_classes),
+      global_mean=parallel.abstract(tuple(f32(*np.shape(x)) for x in targets.global_mean),
+                                    lambda _: rep),
+      global_var=parallel.abstract(tuple(f32(*np.shape(x)) for x in targets.global_var),
+                                   lambda _: rep))
+  ids = jax.ShapeDtypeStruct((chunk,), jnp.int32, sharding=split)
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+  return step.lower(parallel.abstract(state, on_classes),
+                    parallel.abstract(variables, lambda _: rep), chunk_targets, ids, key)
+
+
+def recover_step_bytes(model: nn.Module, variables: Any, targets: RecoverTargets, chunk: int,
+                       **kwargs: Any) -> int | None:
+  """Peak bytes per device of one recover step on ``chunk`` classes (compiled ahead of time).
+
+  Takes the arguments of :func:`lower_recover_step`; returns None when the backend reports no
+  memory analysis.
+  """
+  compiled = lower_recover_step(model, variables, targets, chunk, **kwargs).compile()
+  return parallel.peak_bytes(compiled)

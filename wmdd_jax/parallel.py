@@ -1,0 +1,472 @@
+"""Scaling out: one device mesh, sharding helpers and multi-process start-up.
+
+Every parallel stage uses ONE 1-D mesh over all (global) devices with the axis :data:`AXIS`
+(``"batch"``, the name :mod:`wmdd_jax.train` already uses, so its helpers take this mesh too). The
+axis plays two roles:
+
+* a **batch axis** for the data-parallel stages: the statistics pass (images, labels and mask
+  split along the batch, the per-class accumulator replicated; XLA inserts the reductions) and
+  the student (each step's batch split, student and teacher replicated, the gradient all-reduced);
+* a **class axis** for the stages whose classes are independent: barycenters and recover (a chunk
+  of classes split over devices, each device optimising its own classes against a replicated
+  teacher; only the all-class BN ablation reduces across devices).
+
+The sharded programs are the single-device programs partitioned by XLA (``jax.jit`` with
+``NamedSharding``), not rewritten by hand, so results equal the single-device ones up to float
+round-off in the cross-device reductions. Random numbers do not depend on the sharding (JAX's
+default ``jax_threefry_partitionable``).
+
+Several processes (hosts, or several processes on one machine): call :func:`initialize_distributed`
+before anything else touches JAX. It reads, in this order of preference:
+
+==========================  =========================  ==========================================
+wmdd_jax variable           JAX-style fallback         meaning
+==========================  =========================  ==========================================
+``WMDD_COORDINATOR``        ``JAX_COORDINATOR_ADDRESS`` ``host:port`` of process 0's coordinator
+``WMDD_NUM_PROCESSES``      ``JAX_NUM_PROCESSES``       number of processes
+``WMDD_PROCESS_ID``         ``JAX_PROCESS_ID``          this process's index in [0, n)
+``WMDD_LOCAL_DEVICE_IDS``   (none)                      optional, e.g. ``0,1``: local devices used
+``WMDD_CPU_COLLECTIVES``    (none)                      CPU collectives, default ``gloo``
+==========================  =========================  ==========================================
+
+Without a coordinator address it does nothing (one process). Each process then feeds its own
+shard of the data (``dataset.iter_batches(..., process_index=jax.process_index(),
+process_count=jax.process_count())``), which :func:`from_process_local` assembles into one global
+array; :func:`gather` brings sharded results back to every host.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from wmdd_jax import barycenter as barycenter_lib
+from wmdd_jax import train as train_lib
+from wmdd_jax.errors import ConfigError, NonFiniteError, ShapeError
+
+AXIS = "batch"  # the mesh's one axis: batch axis or class axis, depending on the stage
+
+_ENV = {
+    "coordinator": ("WMDD_COORDINATOR", "JAX_COORDINATOR_ADDRESS"),
+    "num_processes": ("WMDD_NUM_PROCESSES", "JAX_NUM_PROCESSES"),
+    "process_id": ("WMDD_PROCESS_ID", "JAX_PROCESS_ID"),
+    "local_device_ids": ("WMDD_LOCAL_DEVICE_IDS",),
+    "cpu_collectives": ("WMDD_CPU_COLLECTIVES",),
+}
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+  for var in _ENV[name]:
+    value = environ.get(var, "").strip()
+    if value:
+      return value
+  return None
+
+
+def initialize_distributed(
+    *,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> bool:
+  """Joins a multi-process JAX job when one is configured; a no-op otherwise.
+
+  Call it first thing in a script, before any JAX computation (JAX cannot add processes to a
+  running backend). Arguments override the environment variables of the module docstring. On CPU
+  the cross-process collectives need an implementation: ``jax_cpu_collectives_implementation`` is
+  set to ``gloo`` (or ``WMDD_CPU_COLLECTIVES``) first; it does not affect GPU/TPU backends.
+
+  Args:
+    coordinator_address: ``host:port`` of process 0; None reads the environment.
+    num_processes: number of processes; None reads the environment.
+    process_id: this process's index; None reads the environment.
+    local_device_ids: the local devices this process uses; None: all (or the environment's).
+    environ: the environment to read (default ``os.environ``; tests pass a dict).
+
+  Returns:
+    True when this process is part of a multi-process job (now or already), False when no
+    coordinator is configured and nothing was done.
+
+  Raises:
+    ConfigError: a coordinator without the number of processes or the process id, values that
+      are not integers, or JAX already running single-process (initialise earlier).
+  """
+  if jax.distributed.is_initialized():
+    return True
+  environ = os.environ if environ is None else environ
+  address = coordinator_address or _env(environ, "coordinator")
+  if not address:
+    return False
+  try:
+    count = num_processes if num_processes is not None else _env(environ, "num_processes")
+    index = process_id if process_id is not None else _env(environ, "process_id")
+    if count is None or index is None:
+      raise ConfigError(
+          f"A coordinator ({address}) is set but not the number of processes and this process's "
+          "id; set WMDD_NUM_PROCESSES and WMDD_PROCESS_ID (or JAX_NUM_PROCESSES / "
+          "JAX_PROCESS_ID), or unset WMDD_COORDINATOR for a single process.")
+    count, index = int(count), int(index)
+    ids = local_device_ids
+    if ids is None and _env(environ, "local_device_ids"):
+      ids = [int(x) for x in _env(environ, "local_device_ids").split(",")]
+  except ValueError as e:
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f"Distributed settings must be integers ({e}); e.g. WMDD_NUM_PROCESSES=2 "
+                      "WMDD_PROCESS_ID=0 WMDD_LOCAL_DEVICE_IDS=0,1.") from e
+  if not 0 <= index < count:
+    raise ConfigError(f"process id {index} is outside [0, {count}); number the processes "
+                      f"0..{count - 1}.")
+  jax.config.update("jax_cpu_collectives_implementation",
+                    _env(environ, "cpu_collectives") or "gloo")
+  try:
+    jax.distributed.initialize(coordinator_address=address, num_processes=count,
+                               process_id=index, local_device_ids=ids)
+  except RuntimeError as e:
+    raise ConfigError(
+        f"jax.distributed.initialize failed ({e}). It must run before any JAX computation: call "
+        "wmdd_jax.parallel.initialize_distributed() at the top of the script.") from e
+  return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The mesh and shardings.
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh with axis :data:`AXIS` over ``devices`` (default: every device of every process).
+
+  Devices are ordered by (process, id), so each process's devices form one contiguous block: its
+  local batch is one contiguous slice of a global batch (what
+  ``jax.make_array_from_process_local_data`` and the interleaved feature gather assume).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  devices.sort(key=lambda d: (d.process_index, d.id))
+  return train_lib.data_mesh(devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading axis split over the mesh: a batch of images, labels, masks."""
+  return NamedSharding(mesh, P(AXIS))
+
+
+def class_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading axis split over the mesh: a chunk of classes (the same spec as a batch)."""
+  return NamedSharding(mesh, P(AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The whole array on every device."""
+  return NamedSharding(mesh, P())
+
+
+def replicate(tree: Any, mesh: Mesh, *, copy: bool = False) -> Any:
+  """Places a pytree (host or device arrays, identical on every process) on every device.
+
+  ``copy`` never aliases the input buffers (use it for anything a step donates).
+  """
+  if jax.process_count() == 1:
+    return train_lib.replicate(mesh, tree, copy=copy)
+
+  def one(x):
+    # Arrays on one local device go through the host: a process cannot address the others'
+    # devices, but every process holds the same value.
+    if not isinstance(x, jax.Array) or not x.is_fully_addressable:
+      return train_lib.replicate(mesh, x, copy=copy)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys have no host form
+      data = train_lib.replicate(mesh, np.asarray(jax.random.key_data(x)))
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return train_lib.replicate(mesh, np.asarray(x), copy=copy)
+
+  return jax.tree.map(one, tree)
+
+
+def shard_leading(tree: Any, mesh: Mesh) -> Any:
+  """Splits every leaf of a pytree, identical on every process, along its leading axis.
+
+  The leading size must be a multiple of the mesh size (see :func:`padded_size`).
+  """
+  n = mesh.devices.size
+  for leaf in jax.tree.leaves(tree):
+    if np.ndim(leaf) == 0 or np.shape(leaf)[0] % n:
+      raise ShapeError(f"cannot split an array of shape {np.shape(leaf)} over {n} devices; pad "
+                       f"its leading axis to a multiple of {n} (parallel.padded_size).")
+  return jax.device_put(tree, class_sharding(mesh))
+
+
+def padded_size(n: int, multiple: int) -> int:
+  """The smallest multiple of ``multiple`` that is >= ``n`` (and >= ``multiple``)."""
+  return max(1, -(-int(n) // int(multiple))) * int(multiple)
+
+
+def pad_class_ids(class_ids: Sequence[int] | np.ndarray, multiple: int) -> np.ndarray:
+  """Pads a list of class ids to a multiple of ``multiple`` by repeating the last one.
+
+  Classes are independent problems, so a repeated class only duplicates work; drop the repeats
+  afterwards with ``ids[first_occurrences(ids)]``.
+  """
+  ids = np.asarray(class_ids, np.int32).reshape(-1)
+  if ids.size == 0:
+    raise ShapeError("pad_class_ids got no classes; pass at least one class id.")
+  return np.concatenate([ids, np.full(padded_size(ids.size, multiple) - ids.size, ids[-1],
+                                      np.int32)])
+
+
+def first_occurrences(ids: np.ndarray) -> np.ndarray:
+  """bool mask: True at the first position of each run of equal ids (drops padding repeats)."""
+  ids = np.asarray(ids)
+  return np.concatenate([[True], ids[1:] != ids[:-1]])
+
+
+def constrain_leading(tree: Any, mesh: Mesh, size: int) -> Any:
+  """Inside jit: leaves whose leading axis has length ``size`` split over the mesh, the rest
+  replicated (e.g. a recover state: images and Adam moments split, the step counts replicated)."""
+
+  def one(x):
+    spec = P(AXIS) if x.ndim >= 1 and x.shape[0] == size else P()
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  return jax.tree.map(one, tree)
+
+
+def constrain_replicated(tree: Any, mesh: Mesh) -> Any:
+  """Inside jit: every leaf replicated (small outputs that every host reads, e.g. metrics)."""
+  return jax.lax.with_sharding_constraint(tree, replicated(mesh))
+
+
+# ---------------------------------------------------------------------------------------------
+# Process-local data <-> global arrays.
+
+
+def local_batch_multiple(mesh: Mesh) -> int:
+  """Each process's batch must be a multiple of its number of devices in the mesh."""
+  me = jax.process_index()
+  return int(sum(d.process_index == me for d in mesh.devices.flat))
+
+
+def from_process_local(tree: Any, mesh: Mesh) -> Any:
+  """Global arrays split along the batch axis from each process's own rows.
+
+  Process p's rows become the p-th contiguous block of the global batch (the mesh orders devices
+  by process). Every process must pass the same local shape, a multiple of
+  :func:`local_batch_multiple`.
+  """
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      tree)
+
+
+def to_process_local(tree: Any, mesh: Mesh) -> Any:
+  """This process's rows (host numpy) of batch-split global arrays (inverse of
+  :func:`from_process_local`)."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  local = multihost_utils.global_array_to_host_local_array(tree, mesh, P(AXIS))
+  return jax.tree.map(np.asarray, local)
+
+
+def gather(tree: Any) -> Any:
+  """Host numpy copies of (possibly sharded, possibly multi-process) global arrays, on every
+  process. Fully addressable arrays are simply fetched; others go through
+  ``multihost_utils.process_allgather``."""
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(one, tree)
+
+
+def gather_interleaved(local: np.ndarray) -> np.ndarray:
+  """Rows that process p took at global positions ``p, p + P, p + 2P, ...`` (the sharding of
+  ``Dataset.iter_batches(process_index=p, process_count=P)``), back in global order on every
+  process. With one process it returns ``local`` unchanged.
+
+  Args:
+    local: [n_p, ...] this process's rows in the order it read them (n_p may differ by one
+      between processes).
+
+  Returns:
+    [sum_p n_p, ...] numpy, row i from process i % P.
+  """
+  local = np.asarray(local)
+  count = jax.process_count()
+  if count == 1:
+    return local
+  sizes = np.asarray(multihost_utils.process_allgather(np.int64(local.shape[0]))).reshape(-1)
+  longest = int(sizes.max())
+  padded = np.zeros((longest, *local.shape[1:]), local.dtype)
+  padded[:local.shape[0]] = local
+  everything = np.asarray(multihost_utils.process_allgather(padded))  # [P, longest, ...]
+  out = np.empty((int(sizes.sum()), *local.shape[1:]), local.dtype)
+  for p in range(count):
+    out[p::count] = everything[p, :sizes[p]]
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Barycenters with the class axis split over devices.
+
+
+def class_barycenters(
+    features: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    num_support: int,
+    key: jax.Array,
+    *,
+    mesh: Mesh,
+    learn_weights: bool = False,
+    **solver_options: Any,
+) -> barycenter_lib.Barycenter:
+  """:func:`wmdd_jax.barycenter.class_barycenters` with the class axis split over the mesh.
+
+  The host builds the same zero-mass-padded f32[C, n_max, d] array and keys ``fold_in(key, c)``,
+  pads the class axis to a multiple of the mesh size with repeats of the last class, and solves
+  ``jax.vmap(free_support_barycenter)`` with every input and output split along the classes:
+  each device solves its own classes (the per-class while loops run in lockstep on a device,
+  like ``class_barycenters(classes_per_batch=C)``). Every process must pass the same (all-class)
+  features; :func:`gather_interleaved` assembles them from per-process shards.
+
+  Args:
+    features: f32[N, d].
+    labels: int[N] in [0, num_classes).
+    num_classes: C.
+    num_support: k.
+    key: PRNG key.
+    mesh: the device mesh.
+    learn_weights: see :func:`wmdd_jax.barycenter.free_support_barycenter`.
+    **solver_options: fields of :class:`wmdd_jax.barycenter.SolverOptions`.
+
+  Returns:
+    Barycenter(support f32[C, k, d], weights f32[C, k]) as host numpy arrays.
+
+  Raises:
+    ShapeError, ConfigError, NonFiniteError: as ``class_barycenters``.
+  """
+  feats = np.asarray(features)
+  labels = np.asarray(labels)
+  if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
+    raise ShapeError("features must be a float array [N, d], got "
+                     f"{feats.dtype}{list(feats.shape)}.")
+  if labels.shape != (feats.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+    raise ShapeError(f"labels must be integers of shape [{feats.shape[0]}] (one per feature row), "
+                     f"got {labels.dtype}{list(labels.shape)}.")
+  if not np.all(np.isfinite(feats)):
+    raise NonFiniteError("features hold NaN/Inf values; fix the feature extraction (e.g. a "
+                         "diverged teacher or unnormalised inputs) before computing barycenters.")
+  if not isinstance(num_support, int | np.integer) or num_support < 1:
+    raise ConfigError(f"num_support must be an int >= 1 (images per class), got {num_support!r}.")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ConfigError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, "
+                      f"{labels.max()}]; check num_classes.")
+  counts = np.bincount(labels, minlength=num_classes)
+  short = np.flatnonzero(counts < num_support)
+  if short.size:
+    raise ConfigError(f"num_support={num_support} exceeds the points of class(es) "
+                      f"{short[:5].tolist()} (counts {counts[short[:5]].tolist()}); lower "
+                      "num_support (images per class) or add data for those classes.")
+  # The same layout as class_barycenters (class c's rows in their original order, then zero
+  # mass), with the class axis padded by copies of the last class.
+  n_max = barycenter_lib._padded_size(int(counts.max()))  # noqa: SLF001 - same padding rule
+  order = np.argsort(labels, kind="stable")
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  rank = np.arange(labels.size) - starts[labels[order]]
+  ids = pad_class_ids(np.arange(num_classes), mesh.devices.size)
+  points = np.zeros((ids.size, n_max, feats.shape[1]), np.float32)
+  mass = np.zeros((ids.size, n_max), np.float32)
+  points[labels[order], rank] = feats[order]
+  mass[labels[order], rank] = (1.0 / counts[labels[order]]).astype(np.float32)
+  points[num_classes:], mass[num_classes:] = points[num_classes - 1], mass[num_classes - 1]
+  keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(np.asarray(ids))
+
+  solve = barycenter_solver(num_support, mesh=mesh, learn_weights=learn_weights,
+                            **solver_options)
+  result = gather(solve(*jax.device_put((points, mass, keys), class_sharding(mesh))))
+  return barycenter_lib.Barycenter(result.support[:num_classes], result.weights[:num_classes])
+
+
+def barycenter_solver(num_support: int, *, mesh: Mesh | None = None, learn_weights: bool = False,
+                      **solver_options: Any) -> Callable[..., barycenter_lib.Barycenter]:
+  """The jitted per-class solver of :func:`class_barycenters`.
+
+  ``solve(points f32[C, n, d], mass f32[C, n], keys key[C]) -> Barycenter(f32[C, k, d],
+  f32[C, k])``: ``free_support_barycenter`` vmapped over classes, with every input and output
+  split along the classes over ``mesh`` (None: one device). Exposed for ahead-of-time memory
+  analysis (``solve.lower(...)``).
+  """
+  solve = jax.vmap(lambda p, m, k: barycenter_lib.free_support_barycenter(
+      p, num_support, k, weights=m, learn_weights=learn_weights, **solver_options))
+  if mesh is None:
+    return jax.jit(solve)
+  split = class_sharding(mesh)
+  return jax.jit(solve, in_shardings=(split, split, split), out_shardings=split)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory.
+
+
+def peak_bytes(compiled: Any) -> int | None:
+  """Peak device memory of one compiled program, per device, from XLA's memory analysis.
+
+  arguments + outputs + temporaries - (outputs aliased to donated arguments); None when the
+  backend reports no analysis.
+  """
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def abstract(tree: Any, sharding_fn: Callable[[Any], Any] | None = None) -> Any:
+  """``jax.ShapeDtypeStruct`` leaves for a pytree, with ``sharding_fn(leaf)`` as their sharding
+  (None: no sharding), for AOT lowering without data."""
+
+  def one(x):
+    sharding = sharding_fn(x) if sharding_fn is not None else None
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding,
+                                weak_type=bool(getattr(x, "weak_type", False)))
+
+  return jax.tree.map(one, tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints of sharded recover states.
+
+
+__all__ = [
+    "AXIS",
+    "abstract",
+    "barycenter_solver",
+    "batch_sharding",
+    "class_barycenters",
+    "class_sharding",
+    "constrain_leading",
+    "constrain_replicated",
+    "first_occurrences",
+    "from_process_local",
+    "gather",
+    "gather_interleaved",
+    "initialize_distributed",
+    "local_batch_multiple",
+    "make_mesh",
+    "pad_class_ids",
+    "padded_size",
+    "peak_bytes",
+    "replicate",
+    "replicated",
+    "shard_leading",
+    "to_process_local",
+]
