@@ -56,6 +56,8 @@ def main():
   parser.add_argument("--val", action="store_true", help="evaluate on a held-out train part")
   parser.add_argument("--set", action="append", default=[],
                       help="config override, e.g. --set recover.r_bn=3 (repeatable)")
+  parser.add_argument("--teacher", default="",
+                      help="teacher checkpoint to load or create (default: under workroot)")
   parser.add_argument("--workroot", default=os.path.join(ROOT, "bench", "runs", "fashion_mnist"))
   parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results",
                                                     "fashion_mnist.json"))
@@ -78,7 +80,8 @@ def main():
     target[field] = type(old)(eval(value)) if not isinstance(old, str) else value  # noqa: S307
   tag = "val" if args.val else "test"
   workroot = os.path.join(args.workroot, tag)
-  teacher = os.path.join(workroot, "teacher")  # trained by the first run, loaded by the rest
+  # Trained by the first run, loaded by the rest (and by other sweeps given --teacher).
+  teacher = args.teacher or os.path.join(workroot, "teacher")
   runs, start = [], time.perf_counter()
   for seed in [int(s) for s in args.seeds.split(",")]:
     for ipc in [int(i) for i in args.ipcs.split(",")]:

@@ -137,3 +137,21 @@ def test_nan_loss_names_class_and_step(teacher):
   t = t._replace(features=t.features.at[1].set(jnp.nan))
   with pytest.raises(NonFiniteError, match="class 1 at step 0"):
     _run(teacher, RecoverOptions(iterations=3, steps_per_call=3), targets=t)
+
+
+def test_global_bn_ignores_padding_repeats(teacher):
+  # A chunk padded by repeating its last class gives its real classes the same losses and
+  # gradients (the repeat's own loss only moves the repeat's images, which are discarded).
+  model, variables = teacher
+  opts = RecoverOptions(bn_stats="global", r_ce=0.5)
+  targets, images = _targets(), _images()
+  key = jax.random.key(3)
+  f = lambda x, ids: chunk_loss(x, variables, targets.take(np.asarray(ids)), jnp.asarray(ids),
+                                key, model=model, options=opts)
+  padded_ids = [0, 1, 2, 2]
+  padded = jnp.concatenate([images, images[2:]])
+  np.testing.assert_allclose(f(padded, padded_ids)[1]["class_loss"][:3],
+                             f(images, [0, 1, 2])[1]["class_loss"], rtol=1e-5)
+  grad = lambda x, ids: jax.grad(lambda x: f(x, ids)[0])(x)
+  g, g_pad = grad(images, [0, 1, 2]), grad(padded, padded_ids)
+  np.testing.assert_allclose(g_pad[:3], g, rtol=1e-4, atol=1e-6)

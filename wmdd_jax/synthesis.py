@@ -232,11 +232,16 @@ def chunk_loss(
   )(split(out.features), split(out.logits), tuple(map(split, out.bn_mean)),
     tuple(map(split, out.bn_var)), targets.features, targets.bn_mean, targets.bn_var, class_ids)
   if options.bn_stats == "global":
+    # Chunks are padded by repeating their last class (one compiled shape, an even split over
+    # devices); the repeats must not weigh in the chunk-wide statistics.
+    real = jnp.concatenate([jnp.ones((1,), bool), class_ids[1:] != class_ids[:-1]])
+    w = jnp.repeat(real.astype(jnp.float32), k)[:, None] / (jnp.sum(real) * k)
     bn = jnp.zeros((), jnp.float32)
     for m, v, tm, tv in zip(out.bn_mean, out.bn_var, targets.global_mean, targets.global_var):
-      mu, var = pool_moments(m, v, axis=0)
+      mu = jnp.sum(w * m, axis=0)
+      var = jnp.sum(w * (v + jnp.square(m - mu)), axis=0)
       bn = bn + jnp.linalg.norm(mu - tm) + jnp.linalg.norm(var - tv)
-    terms["bn"] = jnp.full((c,), bn / c)
+    terms["bn"] = jnp.where(real, bn / jnp.sum(real), 0.0)
   per_class = (options.r_feat * terms["feature"] + options.r_bn * terms["bn"]
                + options.r_ce * terms["ce"])
   return jnp.sum(per_class), dict(terms, class_loss=per_class)
