@@ -177,13 +177,12 @@ def compute_class_statistics(
     acc = parallel.replicate(acc, mesh, copy=True)
     variables = parallel.replicate(variables, mesh)
   feats, labs, offset = [], [], 0
-  memmap = None
+  memmap = None  # the feature file, created at the first batch once d is known
   image_dtype = np.dtype(np.uint8)
   if keep_features and feature_path is not None:
     if total is None:
       raise ShapeError("feature_path needs total= (the number of images) to size the file; "
                        "pass total=dataset.num_examples('train').")
-    memmap = None  # created lazily once d is known
   with tqdm(total=total, desc="statistics", unit="img", leave=False) as bar:
     for images, labels in batches:
       images = np.asarray(images)
