@@ -5,7 +5,10 @@ The main pytest process has one device, so the multi-device checks run in subpro
 devices (statistics, barycenters, recover with a memory budget and an Orbax resume, one student
 epoch; 5 classes, not a multiple of 4), and two localhost processes with 2 devices each joined by
 ``jax.distributed`` (statistics from per-process data shards, and a recover chunk, end to end).
-All subprocesses start together (they mostly compile, one core each) and report JSON.
+The 4-device process also runs every stage with deterministic work units (``units=3``) on one
+device and on four, which must agree bit for bit; and ``experiments/distill.py
+--config.debug=True`` runs on 1 and on 4 devices, which must write the same metrics.json figures.
+All subprocesses start together (they mostly compile) and report JSON.
 
 Run a worker by hand with ``python -m tests.test_parallel four`` from the repository root.
 """
@@ -211,7 +214,57 @@ def _worker_four(workdir: str) -> dict:
   r1 = relabel.train_student(model, model, variables, x1, None, None, options=sopts)
   r4 = relabel.train_student(model, model, variables, x1, None, None, options=sopts, mesh=mesh)
   out["student"] = _max_err(r1.variables, r4.variables)
+  out["units"] = _units_checks(mesh, model, variables, images, labels, make_targets)
   return out
+
+
+def _units_checks(mesh, model, variables, images, labels, make_targets) -> dict[str, float]:
+  """Deterministic work units (units=3) on the first device only vs spread over 4 devices:
+  every stage must be bit-identical (max error exactly 0)."""
+  import jax
+
+  from wmdd_jax import barycenter, relabel, stats, synthesis
+  from wmdd_jax import train as train_lib
+
+  one = train_lib.data_mesh([jax.devices()[0]])
+  err = {}
+  cfg = train_lib.TeacherConfig(epochs=2, batch_size=12, learning_rate=0.1, crop_padding=1,
+                                eval_batch_size=10, seed=3)
+  data = (images, labels)
+  tk = dict(mean=MEAN, std=STD, progress=False, units=3)
+  t1 = train_lib.train_teacher(model, data, data, cfg, mesh=one, **tk)
+  t4 = train_lib.train_teacher(model, data, data, cfg, mesh=mesh, **tk)
+  err["teacher"] = _max_err(t1, t4)
+  e1 = train_lib.evaluate(model, t1, data, mean=MEAN, std=STD, batch_size=10, mesh=one, units=3)
+  e4 = train_lib.evaluate(model, t1, data, mean=MEAN, std=STD, batch_size=10, mesh=mesh,
+                          units=3)
+  err["evaluate"] = _max_err(e1, e4)
+  kw = dict(num_classes=C, image_shape=SHAPE, mean=MEAN, std=STD, batch_size=10, units=3)
+  s1, f1 = stats.compute_class_statistics(model, variables, _batches(images, labels, 10), **kw)
+  s4, f4 = stats.compute_class_statistics(model, variables, _batches(images, labels, 10),
+                                          mesh=mesh, **kw)
+  err["stats"] = _max_err((s1, f1), (s4, f4))
+  rng = np.random.default_rng(1)
+  feats = rng.normal(size=(60, 8)).astype(np.float32)
+  labs = np.concatenate([np.arange(C), rng.integers(0, C, 55)]).astype(np.int32)
+  bk = dict(classes_per_batch=1)
+  b1 = barycenter.class_barycenters(feats, labs, C, 3, jax.random.key(3), **bk)
+  b4 = barycenter.class_barycenters(feats, labs, C, 3, jax.random.key(3),
+                                    devices=list(mesh.devices.flat), **bk)
+  err["barycenter"] = _max_err(b1, b4)
+  rk = dict(ipc=K, image_shape=SHAPE, mean=MEAN, std=STD, options=_recover_options(),
+            key=jax.random.key(1), progress=False, units=3)
+  x1, h1 = synthesis.recover(model, variables, make_targets(s1), **rk)
+  x4, h4 = synthesis.recover(model, variables, make_targets(s1), mesh=mesh, **rk)
+  err["recover"] = _max_err((x1, h1), (x4, h4))
+  sopts = relabel.StudentOptions(epochs=2, batch_size=5, progress=False)
+  weights = np.linspace(0.5, 1.5, C * K).astype(np.float32)
+  r1 = relabel.train_student(model, model, variables, x1.reshape(C * K, *SHAPE), weights, data,
+                             options=sopts, mesh=one, units=3)
+  r4 = relabel.train_student(model, model, variables, x1.reshape(C * K, *SHAPE), weights, data,
+                             options=sopts, mesh=mesh, units=3)
+  err["student"] = _max_err((r1.variables, r1.history), (r4.variables, r4.history))
+  return err
 
 
 def _worker_two(process_id: int, port: int, data: str, workdir: str) -> dict:
@@ -277,16 +330,20 @@ def _free_port() -> int:
 
 
 def _start(args: list[str], devices: int, log: str) -> subprocess.Popen:
+  return _start_script(["-m", "tests.test_parallel", *args], devices, log)
+
+
+def _start_script(args: list[str], devices: int, log: str) -> subprocess.Popen:
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
   for var in ("WMDD_COORDINATOR", "JAX_COORDINATOR_ADDRESS"):
     env.pop(var, None)
   with open(log, "w") as f:
-    return subprocess.Popen([sys.executable, "-m", "tests.test_parallel", *args], cwd=ROOT,
-                            env=env, stdout=f, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=f,
+                            stderr=subprocess.STDOUT)
 
 
-def _result(proc: subprocess.Popen, log: str, timeout: float) -> dict:
+def _result(proc: subprocess.Popen, log: str, timeout: float, marker: str = "RESULT ") -> dict:
   try:
     proc.wait(timeout=timeout)
   except subprocess.TimeoutExpired:
@@ -294,7 +351,10 @@ def _result(proc: subprocess.Popen, log: str, timeout: float) -> dict:
     proc.wait()
   with open(log) as f:
     text = f.read()
-  lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
+  if marker is None:
+    assert proc.returncode == 0, f"run failed (rc {proc.returncode}):\n{text[-4000:]}"
+    return {}
+  lines = [line for line in text.splitlines() if line.startswith(marker)]
   assert proc.returncode == 0 and lines, f"worker failed (rc {proc.returncode}):\n{text[-4000:]}"
   return json.loads(lines[-1][len("RESULT "):])
 
@@ -309,6 +369,13 @@ def workers():
   np.savez(data, x_train=images, y_train=labels)
   port = str(_free_port())
   procs = {"four": _start(["four", os.path.join(tmp, "four")], 4, os.path.join(tmp, "four.log"))}
+  # The pipeline's debug run, as a user types it, on 1 and on 4 devices.
+  for devices in (1, 4):
+    procs[f"distill{devices}"] = _start_script(
+        [os.path.join(ROOT, "experiments", "distill.py"), "--config",
+         os.path.join(ROOT, "experiments", "configs", "digits.py"), "--workdir",
+         os.path.join(tmp, f"distill{devices}"), "--config.debug=True"], devices,
+        os.path.join(tmp, f"distill{devices}.log"))
   for p in range(2):
     procs[f"two{p}"] = _start(["two", str(p), port, data, os.path.join(tmp, "two")], 2,
                               os.path.join(tmp, f"two{p}.log"))
@@ -323,9 +390,9 @@ def workers():
   shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _wait(workers, name: str, timeout: float = 400.0) -> dict:
+def _wait(workers, name: str, timeout: float = 600.0, marker: str | None = "RESULT ") -> dict:
   proc, log, started = workers[name]
-  return _result(proc, log, max(1.0, timeout - (time.monotonic() - started)))
+  return _result(proc, log, max(1.0, timeout - (time.monotonic() - started)), marker)
 
 
 def test_four_devices_match_one_device(workers):
@@ -338,6 +405,9 @@ def test_four_devices_match_one_device(workers):
   assert r["resumed"] == [[10, 4]] and r["resume"] <= TOL
   assert "memory budget" in r["budget_error"] and "raise" in r["budget_error"]
   assert "multiple of 4" in r["indivisible_error"]
+  # Deterministic work units: exactly the same numbers on 1 and on 4 devices, stage by stage.
+  assert r["units"] == {name: 0.0 for name in ("teacher", "evaluate", "stats", "barycenter",
+                                               "recover", "student")}, r["units"]
 
 
 def test_two_processes_match_one_process(workers):
@@ -352,6 +422,33 @@ def test_two_processes_match_one_process(workers):
     np.testing.assert_array_equal(got["labels"], reference["labels"])
     for name in reference.files:
       np.testing.assert_allclose(got[name], reference[name], rtol=0, atol=TOL, err_msg=name)
+
+
+def test_debug_pipeline_metrics_do_not_depend_on_the_device_count(workers):
+  """``distill.py --config.debug=True`` (deterministic work units) on 1 and 4 devices: the same
+  metrics.json figures, and the same bytes in every intermediate array."""
+  runs = {}
+  for devices in (1, 4):
+    _wait(workers, f"distill{devices}", marker=None)
+    runs[devices] = os.path.join(workers["dir"], f"distill{devices}")
+  metrics = {}
+  for devices, workdir in runs.items():
+    with open(os.path.join(workdir, "metrics.json")) as f:
+      metrics[devices] = json.load(f)
+  assert metrics[1]["devices"] == 1 and metrics[4]["devices"] == 4
+  figures = ("test_top1", "test_top5", "best_top1", "best_top5", "teacher_top1")
+  assert {k: metrics[1][k] for k in figures} == {k: metrics[4][k] for k in figures}
+  assert metrics[1]["teacher_top1"] > 50  # a real (if short) teacher, not a broken run
+  for name in ("stats.npz", "barycenter.npz", "recover_history.npz"):
+    a, b = np.load(os.path.join(runs[1], name)), np.load(os.path.join(runs[4], name))
+    assert a.files == b.files
+    for key in a.files:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}:{key}")
+  np.testing.assert_array_equal(np.load(os.path.join(runs[1], "features.npy")),
+                                np.load(os.path.join(runs[4], "features.npy")))
+  with open(os.path.join(runs[1], "eval.json")) as f1, open(os.path.join(runs[4],
+                                                                         "eval.json")) as f4:
+    assert json.load(f1) == json.load(f4)  # per-epoch losses too
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -625,6 +626,7 @@ def class_barycenters(
     *,
     learn_weights: bool = False,
     classes_per_batch: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
     **solver_options: Any,
 ) -> Barycenter:
   """Per-class barycenters of a labelled feature set, vmapped over classes.
@@ -646,10 +648,13 @@ def class_barycenters(
       None: all classes at once on an accelerator, one at a time on CPU, where a vmapped batch
       measured about 1.5x slower per class (bench/barycenter.py; the batch's while loops run
       until its slowest class converges).
+    devices: run batch b on ``devices[b % len(devices)]`` (batches are dispatched before any
+      result is read, so the devices work concurrently); the results do not depend on it (the
+      deterministic work units of :mod:`wmdd_jax.units`). None: the default device.
     **solver_options: fields of :class:`SolverOptions`.
 
   Returns:
-    Barycenter(support f32[C, k, d], weights f32[C, k]).
+    Barycenter(support f32[C, k, d], weights f32[C, k]) on the default device.
 
   Raises:
     ShapeError: features not [N, d] or labels not [N].
@@ -701,17 +706,18 @@ def class_barycenters(
   if not isinstance(batch, int | np.integer) or batch < 1:
     raise ConfigError(f"classes_per_batch must be None or an int >= 1, got {batch!r}.")
   parts = []
-  for lo in range(0, num_classes, batch):
+  for b, lo in enumerate(range(0, num_classes, batch)):
     hi = min(lo + batch, num_classes)
+    inputs = (padded[lo:hi], mass[lo:hi], keys[lo:hi])
+    if devices:
+      inputs = jax.device_put(inputs, devices[b % len(devices)])
     if hi - lo == 1:  # one class: the unbatched program, exactly a per-class call
-      one = _solve_jit(padded[lo], mass[lo], keys[lo], num_support, bool(learn_weights), opts)
+      one = _solve_jit(*(x[0] for x in inputs), num_support, bool(learn_weights), opts)
       parts.append(Barycenter(one.support[None], one.weights[None]))
     else:
-      parts.append(
-          _solve_classes_jit(
-              padded[lo:hi], mass[lo:hi], keys[lo:hi], num_support, bool(learn_weights), opts
-          )
-      )
+      parts.append(_solve_classes_jit(*inputs, num_support, bool(learn_weights), opts))
+  if devices:
+    parts = jax.device_put(parts, jax.devices()[0])
   if len(parts) == 1:
     return parts[0]
   return Barycenter(*(jnp.concatenate(xs) for xs in zip(*parts)))

@@ -405,12 +405,25 @@ def barycenter_solver(num_support: int, *, mesh: Mesh | None = None, learn_weigh
   split along the classes over ``mesh`` (None: one device). Exposed for ahead-of-time memory
   analysis (``solve.lower(...)``).
   """
-  solve = jax.vmap(lambda p, m, k: barycenter_lib.free_support_barycenter(
-      p, num_support, k, weights=m, learn_weights=learn_weights, **solver_options))
+  opts = barycenter_lib._options(solver_options)  # noqa: SLF001 - the library's own core
+
+  # The library's batched core on host-prepared inputs (masses already 1/count), not the public
+  # per-class function, which renormalises them: results then equal class_barycenters' bit for
+  # bit, whatever the mesh.
+  def solve(points, mass, keys):
+    return barycenter_lib._solve_classes(  # noqa: SLF001
+        points, mass, keys, num_support, bool(learn_weights), opts)
+
   if mesh is None:
     return jax.jit(solve)
+  # shard_map, not jit with shardings: each device runs exactly the single-device vmapped program
+  # on its own classes, so the result is bit-identical for any device count (the SPMD
+  # partitioner was free to split other axes and reorder sums).
+  spec = P(AXIS)
   split = class_sharding(mesh)
-  return jax.jit(solve, in_shardings=(split, split, split), out_shardings=split)
+  local = jax.shard_map(solve, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                        check_vma=False)
+  return jax.jit(local, in_shardings=(split, split, split), out_shardings=split)
 
 
 # ---------------------------------------------------------------------------------------------

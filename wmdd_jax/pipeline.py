@@ -39,6 +39,7 @@ import numpy as np
 from wmdd_jax import barycenter as barycenter_lib
 from wmdd_jax import checkpoint, parallel, relabel, report, stats, synthesis
 from wmdd_jax import train as train_lib
+from wmdd_jax import units as units_lib
 from wmdd_jax.data import open_dataset
 from wmdd_jax.errors import ConfigError
 from wmdd_jax.models import get_model
@@ -84,7 +85,10 @@ def default_config():
       "crop_scale": (0.08, 1.0), "cutmix": True,
   })
   # mesh: "auto" (all devices when there are several), "on" (always) or "off" (default device).
-  c.parallel = ml_collections.ConfigDict({"mesh": "auto", "memory_budget_bytes": 0})
+  # units: 0: stages sharded by XLA (equal to one device up to round-off); N > 0: every batch
+  # (and recover's classes) cut into N deterministic work units, so the run is bit-identical
+  # for any device count (wmdd_jax/units.py; train-mode BN then normalises per unit).
+  c.parallel = ml_collections.ConfigDict({"mesh": "auto", "memory_budget_bytes": 0, "units": 0})
   return c
 
 
@@ -101,6 +105,11 @@ def debug_config(config: Any) -> Any:
     c.recover.checkpoint_every = 10
     c.eval.epochs = min(int(c.eval.epochs), 2)
     c.eval.eval_every = 1
+    # Debug runs check the code, so they are made independent of the device count: the same
+    # metrics.json on 1 CPU as on 4 simulated devices or 8 GPUs.
+    section = c.get("parallel")
+    if section is not None and not int(section.get("units", 0) or 0):
+      section["units"] = 4
   return c
 
 
@@ -116,6 +125,11 @@ def device_mesh(config: Any) -> jax.sharding.Mesh | None:
   if mode == "off" or (mode == "auto" and jax.device_count() == 1):
     return None
   return parallel.make_mesh()
+
+
+def work_units(config: Any) -> int:
+  """``config.parallel.units`` (0 when absent): deterministic work units, see wmdd_jax/units.py."""
+  return units_lib.check_units(int((config.get("parallel") or {}).get("units", 0) or 0))
 
 
 def stage_key(root: jax.Array, name: str) -> jax.Array:
@@ -167,7 +181,7 @@ def _save_npz(path: str, **arrays: Any) -> None:
   os.replace(tmp, path)
 
 
-def _teacher(config, dataset, workdir, root, timings, log):
+def _teacher(config, dataset, workdir, root, timings, log, mesh=None):
   model = get_model(config.teacher.model, dataset.num_classes,
                     **_to_dict(config.teacher.get("model_options")))
   # teacher.checkpoint: where the teacher is loaded from, or saved to when it is not there yet.
@@ -184,8 +198,10 @@ def _teacher(config, dataset, workdir, root, timings, log):
     variables = train_lib.train_teacher(
         model, train, test, tcfg, mean=dataset.mean, std=dataset.std,
         image_shape=dataset.image_shape,
-        metrics_path=os.path.join(workdir, "teacher_metrics.jsonl"))
-    result = train_lib.evaluate(model, variables, test, mean=dataset.mean, std=dataset.std)
+        metrics_path=os.path.join(workdir, "teacher_metrics.jsonl"), mesh=mesh,
+        units=work_units(config))
+    result = train_lib.evaluate(model, variables, test, mean=dataset.mean, std=dataset.std,
+                                mesh=mesh, units=work_units(config))
     meta = {"model": config.teacher.model,
             "model_options": _to_dict(config.teacher.get("model_options")),
             "class_names": dataset.class_names, "dataset": config.dataset.spec,
@@ -218,7 +234,7 @@ def _statistics(config, dataset, model, variables, workdir, timings, log, mesh=N
         model, variables, dataset.iter_batches(_split(config, "train"), batch),
         num_classes=dataset.num_classes, image_shape=dataset.image_shape, mean=dataset.mean,
         std=dataset.std, batch_size=batch, total=dataset.num_examples(_split(config, "train")),
-        feature_path=os.path.join(workdir, "features.npy"), mesh=mesh)
+        feature_path=os.path.join(workdir, "features.npy"), mesh=mesh, units=work_units(config))
     arrays = {"num_layers": len(st.mean), "counts": st.counts, "labels": feats.labels}
     for name in ("mean", "var", "global_mean", "global_var"):
       for i, a in enumerate(getattr(st, name)):
@@ -238,7 +254,15 @@ def _barycenters(config, features, num_classes, ipc, root, workdir, timings, log
   learn = bool(options.pop("learn_weights", False))
   options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
   with _Timer(timings, "barycenter"):
-    if mesh is None:
+    if work_units(config):
+      # One class per program, classes spread over the devices: the same programs and results
+      # for any device count.
+      options["classes_per_batch"] = 1
+      bary = barycenter_lib.class_barycenters(
+          np.asarray(features.features), features.labels, num_classes, ipc,
+          stage_key(root, "barycenter"), learn_weights=learn,
+          devices=units_lib.devices_of(mesh), **options)
+    elif mesh is None:
       bary = barycenter_lib.class_barycenters(
           np.asarray(features.features), features.labels, num_classes, ipc,
           stage_key(root, "barycenter"), learn_weights=learn, **options)
@@ -307,7 +331,7 @@ def _synthesize(config, dataset, model, variables, workdir, root, timings, log, 
           mean=dataset.mean, std=dataset.std, options=options, key=stage_key(root, "recover"),
           class_chunk=int(config.recover.get("class_chunk", 0)), initial_images=initial,
           resume=ckpt.resume, on_block=ckpt.on_block, mesh=mesh,
-          memory_budget_bytes=budget or None)
+          memory_budget_bytes=budget or None, units=work_units(config))
     _save_npz(os.path.join(workdir, "recover_history.npz"), **history)
     log(f"recover: {options.iterations} steps, final loss {history['loss'][-1]:.4g}")
   synset = checkpoint.SyntheticSet(
@@ -340,7 +364,7 @@ def _evaluate(config, dataset, teacher_model, teacher_vars, synset, workdir, roo
         student, teacher_model, teacher_vars, images, weights,
         dataset.load_split(_split(config, "test")),
         mean=dataset.mean, std=dataset.std, options=options, key=stage_key(root, "student"),
-        mesh=mesh)
+        mesh=mesh, units=work_units(config))
   out = {"test_top1": float(result.top1), "test_top5": float(result.top5),
          "best_top1": float(result.best_top1), "best_top5": float(result.best_top5),
          "student": student_name,
@@ -375,6 +399,7 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
         "or drive the multi-process stages directly (stats.compute_class_statistics, "
         "parallel.class_barycenters, synthesis.recover and relabel.train_student with mesh=).")
   mesh = device_mesh(config)
+  work_units(config)  # a bad value fails here, before any stage runs
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -388,7 +413,7 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
   root = jax.random.key(int(config.seed))
   dataset = open_dataset(config.dataset.spec, **_to_dict(config.dataset.get("options")))
   try:
-    model, variables, meta = _teacher(config, dataset, workdir, root, timings, log)
+    model, variables, meta = _teacher(config, dataset, workdir, root, timings, log, mesh)
     report.write_json(timings_path, timings)
     variables = jax.device_put(variables)
     synset, history = _synthesize(config, dataset, model, variables, workdir, root, timings, log,
@@ -438,4 +463,4 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
 
 
 __all__ = ["MESH_MODES", "METHODS", "default_config", "device_mesh", "recover_options", "run",
-           "stage_key"]
+           "stage_key", "work_units"]

@@ -40,6 +40,7 @@ Not implemented: caching soft labels (they are cheap to recompute next to the st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -55,6 +56,7 @@ from tqdm.auto import tqdm
 
 from wmdd_jax import parallel
 from wmdd_jax import train as train_lib
+from wmdd_jax import units as units_lib
 from wmdd_jax.data import transforms
 from wmdd_jax.errors import ConfigError, DataError, NonFiniteError, ShapeError
 from wmdd_jax.models import init_model
@@ -364,16 +366,24 @@ def kd_loss(
   Returns:
     f32[] the batch mean of the weighted per-sample KL (summed over classes).
   """
-  log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
-  log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
-  kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  kl = _kl(student_logits, teacher_logits, temperature)
   if sample_weights is None:
     return jnp.mean(kl)
+  return jnp.mean(kl * _weight_scale(sample_weights))
+
+
+def _kl(student_logits, teacher_logits, temperature):
+  """Per-sample KL(softmax(t / T) || softmax(s / T)) summed over classes: f32[B]."""
+  log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+  log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def _weight_scale(sample_weights):
+  """``w / mean(w)`` over the batch; all zeros when every weight is 0 (not 0/0 = NaN)."""
   w = sample_weights.astype(jnp.float32)
   mean_w = jnp.mean(w)
-  # A batch whose weights are all zero contributes nothing (instead of 0/0 = NaN).
-  scale = jnp.where(mean_w > 0, w / jnp.where(mean_w > 0, mean_w, 1.0), 0.0)
-  return jnp.mean(kl * scale)
+  return jnp.where(mean_w > 0, w / jnp.where(mean_w > 0, mean_w, 1.0), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,6 +474,81 @@ def make_student_step(
   return jax.jit(train_step, donate_argnums=(0,), in_shardings=rep, out_shardings=rep)
 
 
+@functools.lru_cache(maxsize=16)
+def make_unit_student_step(
+    student_model: nn.Module, teacher_model: nn.Module, options: StudentOptions
+) -> tuple[Callable, Callable, Callable]:
+  """The student step cut into deterministic work units (see :mod:`wmdd_jax.units`).
+
+  Returns ``(views, unit, apply)``, all jitted:
+
+  * ``views(images, weights, idx, views_key, epoch, step)`` -> (views f32[B, H, W, ch], scale
+    f32[B]): the whole batch's crops, flips and CutMix (one box and permutation for the batch, as
+    in :func:`make_student_step`) and each view's KD weight ``w / mean(w)`` (ones without
+    ``use_weights``), made on one device;
+  * ``unit(params, batch_stats, teacher_variables, views, scale, batch f32[])``: the unit's soft
+    labels, its share of the batch-mean weighted KD loss (its sum / ``batch``), the gradient and
+    its BN statistics update weighted by its share of the batch;
+  * ``apply(state, outs)``: the units' outputs summed in unit order, one AdamW update (state
+    donated); returns ``(state, loss f32[])``.
+  """
+
+  def views(images, weights, idx, views_key, epoch, step):
+    batch_views, mix = make_views(batch_key(views_key, epoch, step), images[idx],
+                                  scale=options.crop_scale, ratio=options.crop_ratio,
+                                  use_cutmix=options.cutmix, alpha=options.cutmix_alpha)
+    if options.use_weights:
+      scale = _weight_scale(mix_weights(weights[idx], mix))
+    else:
+      scale = jnp.ones(idx.shape, jnp.float32)
+    return batch_views, scale
+
+  def unit(params, batch_stats, teacher_variables, views_u, scale_u, batch):
+    teacher_logits = soft_labels(teacher_model, teacher_variables, views_u)
+    share = views_u.shape[0] / batch
+
+    def loss_fn(p):
+      (logits, _), updates = student_model.apply(
+          {"params": p, "batch_stats": batch_stats}, views_u, train=True,
+          mutable=["batch_stats"])
+      loss = jnp.sum(_kl(logits, teacher_logits, options.temperature) * scale_u) / batch
+      return loss, updates.get("batch_stats", batch_stats)
+
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return {"grads": grads, "batch_stats": jax.tree.map(lambda v: v * share, new_stats),
+            "loss": loss}
+
+  def apply(state, outs):
+    total = units_lib.fold_sum(outs)
+    return (state.apply_gradients(grads=total["grads"], batch_stats=total["batch_stats"]),
+            total["loss"])
+
+  return jax.jit(views), jax.jit(unit), jax.jit(apply, donate_argnums=(0,))
+
+
+class _UnitStudentStep:
+  """:func:`make_student_step`'s signature over deterministic work units: views on the first
+  device, unit g on device g % D, the update on the first device."""
+
+  def __init__(self, fns, devices, units, teacher_variables):
+    self.views, self.unit, self.apply = fns
+    self.devices, self.units = devices, units
+    self.teachers = units_lib.replicas(teacher_variables, devices)
+
+  def __call__(self, state, teacher_variables, images, weights, idx, views_key, epoch, step):
+    del teacher_variables  # the per-device copies made at construction
+    views, scale = self.views(images, weights, jax.device_put(idx, self.devices[0]), views_key,
+                              epoch, step)
+    models = units_lib.replicas((state.params, state.batch_stats), self.devices)
+    batch = np.float32(len(idx))
+    outs = []
+    for g, (lo, hi) in enumerate(units_lib.bounds(len(idx), self.units)):
+      d = g % len(self.devices)
+      part = jax.device_put((views[lo:hi], scale[lo:hi]), self.devices[d])
+      outs.append(self.unit(*models[d], self.teachers[d], *part, batch))
+    return self.apply(state, jax.device_put(outs, self.devices[0]))
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
@@ -503,6 +588,7 @@ def train_student(
     options: StudentOptions = StudentOptions(),
     key: jax.Array | None = None,
     mesh: Mesh | None = None,
+    units: int = 0,
 ) -> StudentResult:
   """Trains a student from scratch on the synthetic set with on-the-fly soft labels.
 
@@ -525,6 +611,10 @@ def train_student(
       None: the default device. With several processes every process calls this with the same
       arguments.
 
+    units: N > 0: each step's batch cut into N deterministic work units spread over the mesh's
+      devices (:mod:`wmdd_jax.units`; student BN statistics per unit): the run is bit-identical
+      for any device count. 0: the batch split by XLA.
+
   Returns:
     A StudentResult.
 
@@ -533,6 +623,7 @@ def train_student(
     DataError: unusable weights.
     NonFiniteError: the KD loss became NaN/Inf.
   """
+  units = units_lib.check_units(units)
   images, weights = _check_inputs(images, weights)
   n = images.shape[0]
   image_shape = tuple(images.shape[1:])
@@ -556,7 +647,15 @@ def train_student(
   steps_per_epoch = len(epoch_batches(shuffle_key, 0, n, options.batch_size))
   state = train_lib.create_train_state(student_model, variables,
                                        make_optimizer(options, steps_per_epoch))
-  step_fn = make_student_step(student_model, teacher_model, options, mesh=mesh)
+  eval_mesh = None
+  if units:
+    devices = units_lib.devices_of(mesh)
+    step_fn = _UnitStudentStep(make_unit_student_step(student_model, teacher_model, options),
+                               devices, units, teacher_variables)
+    state, images, weights = jax.device_put((state, images, weights), devices[0])
+    eval_mesh, mesh = mesh, None
+  else:
+    step_fn = make_student_step(student_model, teacher_model, options, mesh=mesh)
   if mesh is not None:
     state = parallel.replicate(state, mesh, copy=True)  # copy: the step donates it
     teacher_variables, images, weights = parallel.replicate(
@@ -590,7 +689,7 @@ def train_student(
         result = train_lib.evaluate(
             student_model, current,
             test_data, mean=tuple(mean), std=tuple(std), batch_size=options.eval_batch_size,
-            eval_step=eval_step)
+            eval_step=eval_step, mesh=eval_mesh, units=units)
         history.append(EvalRecord(epoch + 1, result["top1"], result["top5"], train_loss))
         postfix["top1"] = f"{result['top1']:.2f}"
       bar.set_postfix(**postfix)

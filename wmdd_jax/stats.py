@@ -8,9 +8,10 @@ batch, merged into the running per-class state with Chan's parallel update, whic
 cancellation of E[x^2] - E[x]^2. The state is O(C x total BN channels), so ImageNet-1K fits;
 features are kept in host memory or, for large sets, written to a memory-mapped ``.npy`` file.
 
-Data parallel (``mesh=``, see :mod:`wmdd_jax.parallel`): each batch is split along the mesh's
-axis and the accumulator replicated, so XLA turns the per-class sums into cross-device
-reductions; the result equals the single-device one up to round-off. With several processes each
+Data parallel (``mesh=``, see :mod:`wmdd_jax.parallel`): each batch's forward pass is split
+along the mesh's axis; the small per-sample moments are gathered and summed per class by the
+same replicated program a single device runs, so the statistics are bit-identical for any number
+of devices. With several processes each
 one feeds its own shard of the data (``iter_batches(..., process_index=jax.process_index(),
 process_count=jax.process_count())``); the statistics are global on every process, the features
 are the process's own rows (:func:`wmdd_jax.parallel.gather_interleaved` restores the global
@@ -31,6 +32,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from wmdd_jax import parallel
+from wmdd_jax import units as units_lib
 from wmdd_jax.errors import DataError, NonFiniteError, ShapeError
 from wmdd_jax.models.base import apply_model
 
@@ -68,51 +70,87 @@ class Features(NamedTuple):
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 in the per-class sums on GPUs
 
 
-def make_stats_step(model: nn.Module, num_classes: int, mean: Any, std: Any, *,
-                    mesh: Mesh | None = None):
-  """Builds the jitted per-batch accumulation step.
+class StatsStep:
+  """The per-batch statistics step: a jitted forward, then a jitted per-class accumulation.
 
-  The returned ``step(acc, variables, images u8[B, H, W, ch], labels i32[B], mask f32[B])`` adds
-  one batch to the accumulator and also returns the batch's features f32[B, d]. ``mask`` zeroes
-  padding rows, so the last (short) batch is padded to the same shape and nothing recompiles.
+  ``step(acc, variables, images u8[B, H, W, ch], labels i32[B], mask f32[B])`` adds one batch to
+  the accumulator and returns ``(acc, features f32[B, d])``; ``mask`` zeroes padding rows, so the
+  last (short) batch is padded to the same shape and nothing recompiles.
 
-  With a ``mesh`` the step takes ``acc`` and ``variables`` replicated and images, labels and mask
-  split along the mesh axis (B a multiple of the mesh size), and returns ``(acc, features,
-  live)``: features split like the batch and ``live`` f32[] the number of real (unmasked) rows of
-  the global batch, which tells processes that ran out of data when every process has.
+  With a mesh the forward takes the batch split along the mesh axis and the teacher replicated;
+  it returns the per-sample BN-input moments, labels and mask *gathered* onto every device, and
+  the features split like the batch. The accumulation then runs replicated on the gathered
+  batch: the very program a single device runs, so the statistics are bit-identical for any
+  device count (a sharded sum would reorder the additions). The gathered moments are small (two
+  floats per sample and BN channel). The step then returns ``(acc, features, live)``, ``live``
+  f32[] the number of real rows of the global batch (processes that ran out of data use it to
+  stop together).
+
+  Attributes:
+    forward: the jitted ``(variables, images, labels, mask) -> (moments, labels, mask,
+      features)`` (exposed for ahead-of-time memory analysis).
+    accumulate: the jitted ``(acc, moments, labels, mask) -> acc``; ``acc`` is donated.
   """
-  mean = jnp.asarray(mean, jnp.float32)
-  std = jnp.asarray(std, jnp.float32)
 
-  def step(acc, variables, images, labels, mask):
-    x = (images.astype(jnp.float32) / 255.0 - mean) / std
-    out = apply_model(model, variables, x, train=False)
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * mask[:, None]
-    n_b = onehot.sum(0)  # [C]
-    n = acc["count"]
-    n_new = n + n_b
-    frac = jnp.where(n_new > 0, n_b / jnp.maximum(n_new, 1.0), 0.0)[:, None]
-    new = {"count": n_new, "mean": [], "m2": []}
-    for layer, (m, v) in enumerate(zip(out.bn_mean, out.bn_var)):
-      mean_b = jnp.matmul(onehot.T, m, precision=_HIGHEST) / jnp.maximum(n_b, 1.0)[:, None]
-      dev = m - jnp.matmul(onehot, mean_b, precision=_HIGHEST)
-      # Within-batch M2 of class c: sum over its samples of (spatial var + (sample mean - mean)^2).
-      m2_b = jnp.matmul(onehot.T, v + dev * dev, precision=_HIGHEST)
-      delta = mean_b - acc["mean"][layer]
-      new["mean"].append(acc["mean"][layer] + delta * frac)
-      new["m2"].append(acc["m2"][layer] + m2_b + delta * delta * (n * frac[:, 0])[:, None])
-    return new, out.features
+  def __init__(self, model: nn.Module, num_classes: int, mean: Any, std: Any, *,
+               mesh: Mesh | None = None):
+    self.mesh = mesh
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
 
-  if mesh is None:
-    return jax.jit(step, donate_argnums=(0,))
-  rep, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    def forward(variables, images, labels, mask):
+      x = (images.astype(jnp.float32) / 255.0 - mean) / std
+      out = apply_model(model, variables, x, train=False)
+      return (out.bn_mean, out.bn_var), labels, mask, out.features
 
-  def sharded_step(acc, variables, images, labels, mask):
-    new, features = step(acc, variables, images, labels, mask)
-    return new, features, jnp.sum(mask)
+    def accumulate(acc, moments, labels, mask):
+      onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * mask[:, None]
+      n_b = onehot.sum(0)  # [C]
+      n = acc["count"]
+      n_new = n + n_b
+      frac = jnp.where(n_new > 0, n_b / jnp.maximum(n_new, 1.0), 0.0)[:, None]
+      new = {"count": n_new, "mean": [], "m2": []}
+      for layer, (m, v) in enumerate(zip(*moments)):
+        mean_b = jnp.matmul(onehot.T, m, precision=_HIGHEST) / jnp.maximum(n_b, 1.0)[:, None]
+        dev = m - jnp.matmul(onehot, mean_b, precision=_HIGHEST)
+        # Within-batch M2 of class c: sum over its samples of (spatial var + (sample mean -
+        # mean)^2).
+        m2_b = jnp.matmul(onehot.T, v + dev * dev, precision=_HIGHEST)
+        delta = mean_b - acc["mean"][layer]
+        new["mean"].append(acc["mean"][layer] + delta * frac)
+        new["m2"].append(acc["m2"][layer] + m2_b + delta * delta * (n * frac[:, 0])[:, None])
+      return new
 
-  return jax.jit(sharded_step, donate_argnums=(0,), in_shardings=(rep, rep, split, split, split),
-                 out_shardings=(rep, split, rep))
+    if mesh is None:
+      self.forward = jax.jit(forward)
+      self.accumulate = jax.jit(accumulate, donate_argnums=(0,))
+    else:
+      rep, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+      self.forward = jax.jit(forward, in_shardings=(rep, split, split, split),
+                             out_shardings=(rep, rep, rep, split))
+      self.accumulate = jax.jit(accumulate, donate_argnums=(0,), in_shardings=rep,
+                                out_shardings=rep)
+
+  def __call__(self, acc, variables, images, labels, mask):
+    moments, labels, mask, features = self.forward(variables, images, labels, mask)
+    acc = self.accumulate(acc, moments, labels, mask)
+    if self.mesh is None:
+      return acc, features
+    return acc, features, jnp.sum(mask)
+
+
+def make_stats_step(model: nn.Module, num_classes: int, mean: Any, std: Any, *,
+                    mesh: Mesh | None = None) -> StatsStep:
+  """Builds the per-batch accumulation step (see :class:`StatsStep`).
+
+  Args:
+    model: the teacher.
+    num_classes: C.
+    mean: per-channel normalisation mean, pixel scale [0, 1].
+    std: per-channel normalisation std.
+    mesh: split each batch over this device mesh; None: the default device.
+  """
+  return StatsStep(model, num_classes, mean, std, mesh=mesh)
 
 
 def _empty_accumulator(model, variables, image_shape, num_classes):
@@ -137,6 +175,7 @@ def compute_class_statistics(
     keep_features: bool = True,
     feature_path: str | os.PathLike | None = None,
     mesh: Mesh | None = None,
+    units: int = 0,
 ) -> tuple[ClassStatistics, Features | None]:
   """Streams the real train split once through the eval-mode teacher.
 
@@ -157,6 +196,9 @@ def compute_class_statistics(
     mesh: split each batch over this device mesh (:func:`wmdd_jax.parallel.make_mesh`); None:
       the default device. ``batch_size`` is then per process, rounded up to a multiple of the
       process's devices; with several processes ``batches`` is this process's shard.
+    units: N > 0: each batch's forward pass cut into N deterministic work units spread over the
+      mesh's devices, the per-class sums on the first device (:mod:`wmdd_jax.units`):
+      bit-identical for any device count. 0: the batch split by XLA as above.
 
   Returns:
     (ClassStatistics, Features or None). The statistics cover every process's data; with several
@@ -168,10 +210,14 @@ def compute_class_statistics(
     NonFiniteError: the statistics contain NaN or Inf (a broken teacher or unnormalised input).
   """
   image_shape = tuple(image_shape)
+  units = units_lib.check_units(units)
   acc = _empty_accumulator(model, variables, image_shape, num_classes)
-  step = make_stats_step(model, num_classes, mean, std, mesh=mesh)
+  step = make_stats_step(model, num_classes, mean, std, mesh=None if units else mesh)
   compiled_batch = batch_size
-  if mesh is not None:
+  if units:
+    step = _UnitStats(step, units_lib.devices_of(mesh), units, variables)
+    mesh = None  # from here on the loop is the single-device one
+  elif mesh is not None:
     # Pad every process's batch to a multiple of its devices, so the global batch splits evenly.
     compiled_batch = parallel.padded_size(batch_size, parallel.local_batch_multiple(mesh))
     acc = parallel.replicate(acc, mesh, copy=True)
@@ -233,6 +279,26 @@ def compute_class_statistics(
       features = Features(np.concatenate(feats) if feats else np.zeros((0, 0), np.float32),
                           labels_all)
   return stats, features
+
+
+class _UnitStats:
+  """:class:`StatsStep` as deterministic work units: unit g's forward on device g % D, then the
+  units' rows gathered in order and accumulated on the first device (the single-device
+  program)."""
+
+  def __init__(self, step: StatsStep, devices, units, variables):
+    self.step, self.devices, self.units = step, devices, units
+    self.copies = units_lib.replicas(variables, devices)
+
+  def __call__(self, acc, variables, images, labels, mask):
+    del variables  # the per-device copies made at construction
+    parts = []
+    for g, (lo, hi) in enumerate(units_lib.bounds(len(labels), self.units)):
+      d = g % len(self.devices)
+      args = jax.device_put((images[lo:hi], labels[lo:hi], mask[lo:hi]), self.devices[d])
+      parts.append(self.step.forward(self.copies[d], *args))
+    moments, labels, mask, features = units_lib.gather_rows(parts, self.devices[0])
+    return self.step.accumulate(acc, moments, labels, mask), features
 
 
 def _drain(step, acc, variables, mesh, batch, image_shape, image_dtype):

@@ -42,6 +42,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from wmdd_jax import parallel
+from wmdd_jax import units as units_lib
 from wmdd_jax.data import transforms
 from wmdd_jax.errors import ConfigError, NonFiniteError, ShapeError
 from wmdd_jax.models.base import apply_model, pool_moments
@@ -362,6 +363,7 @@ def recover(
     progress: bool = True,
     mesh: Mesh | None = None,
     memory_budget_bytes: int | None = None,
+    units: int = 0,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Runs the recover stage over all classes, ``class_chunk`` classes at a time.
 
@@ -388,6 +390,10 @@ def recover(
     memory_budget_bytes: when set, the chunk is the largest (at most ``class_chunk``, or all
       classes) whose compiled step needs at most this many bytes per device
       (:func:`choose_class_chunk`).
+    units: N > 0: deterministic work units (:mod:`wmdd_jax.units`): the classes are cut into
+      chunks of ceil(C / N) classes (at most ``class_chunk``), each optimised by the
+      single-device program on device ``chunk % D`` of the mesh, D chunks at a time: the result
+      is bit-identical for any device count. 0: each chunk split over the mesh by XLA.
 
   Returns:
     (images f32[C, k, H, W, ch], history) with history {"loss", "feature", "bn", "ce"}: f32[T]
@@ -405,7 +411,13 @@ def recover(
                      f"[{num_classes}, {ipc}, d]: compute barycenters with num_support=ipc.")
   if options.init == "real" and initial_images is None:
     raise ConfigError("recover init='real' needs initial_images (random real images per class).")
+  units = units_lib.check_units(units)
   chunk = class_chunk or num_classes
+  devices = [None]
+  if units:
+    chunk = min(chunk, -(-num_classes // units))
+    devices = units_lib.devices_of(mesh)
+    mesh = None  # every chunk is a single-device program
   init_key = jax.random.fold_in(key, 0)
   aug_key = jax.random.fold_in(key, 1)
   run = _shared_update_fn(model, options, mean, std, mesh)
@@ -427,43 +439,70 @@ def recover(
   # shape; the repeats are dropped (classes are independent, so they change nothing).
   chunks = [np.minimum(np.arange(s, s + chunk), num_classes - 1)
             for s in range(0, num_classes, chunk)]
+  # Per device: the teacher and the augmentation key (units only; else the default placement).
+  placed = [(variables, aug_key) if d is None else jax.device_put((variables, aug_key), d)
+            for d in devices]
   bar = tqdm(total=len(chunks) * options.iterations, desc="recover", unit="step",
              disable=not progress, leave=False)
-  for index, class_ids in enumerate(chunks):
+
+  def start(index, class_ids):
     if mesh is not None:
       state, chunk_targets, ids = shard_chunk(
           mesh, targets, class_ids, init_key=init_key, ipc=ipc, image_shape=image_shape,
           options=options, initial_images=initial_images)
     else:
       if options.init == "real":
-        start = jnp.asarray(initial_images[class_ids], jnp.float32)
+        begin = jnp.asarray(initial_images[class_ids], jnp.float32)
       else:
-        start = init_images(init_key, class_ids, ipc, image_shape)
-      state = init_state(start, options)
+        begin = init_images(init_key, class_ids, ipc, image_shape)
+      state = init_state(begin, options)
       chunk_targets = jax.tree.map(jnp.asarray, targets.take(class_ids))
       ids = jnp.asarray(class_ids, jnp.int32)
+      device = devices[index % len(devices)]
+      if device is not None:
+        state, chunk_targets, ids = jax.device_put((state, chunk_targets, ids), device)
     if resume is not None:
       state = resume(index, state) or state
-    done = int(state.step)
-    bar.update(done)
-    real = parallel.first_occurrences(class_ids)
-    while done < options.iterations:
-      n = min(options.steps_per_call, options.iterations - done)
-      state, metrics = run(state, variables, chunk_targets, ids, aug_key, num_steps=n)
-      metrics = jax.device_get(metrics)
-      check_finite(metrics, class_ids, done)
-      if not real.all():
-        # The history averages over the chunk's real classes, not its padding repeats.
+    return state, chunk_targets, ids
+
+  # Chunks run in waves of one per device (units), else one at a time: each block is dispatched
+  # for every chunk of the wave before any result is read, so the devices work concurrently.
+  for first in range(0, len(chunks), len(devices)):
+    wave = list(range(first, min(first + len(devices), len(chunks))))
+    live = {}
+    for index in wave:
+      state, chunk_targets, ids = start(index, chunks[index])
+      done = int(state.step)
+      bar.update(done)
+      live[index] = [state, chunk_targets, ids, done]
+    while any(entry[3] < options.iterations for entry in live.values()):
+      pending = {}
+      for index, (state, chunk_targets, ids, done) in live.items():
+        if done < options.iterations:
+          n = min(options.steps_per_call, options.iterations - done)
+          teacher, key_d = placed[index % len(placed)]
+          live[index][0], pending[index] = run(state, teacher, chunk_targets, ids, key_d,
+                                               num_steps=n)
+      for index, metrics in pending.items():
+        class_ids, done = chunks[index], live[index][3]
+        metrics = jax.device_get(metrics)
+        n = len(metrics["loss"])
+        check_finite(metrics, class_ids, done)
+        real = parallel.first_occurrences(class_ids)
+        if not real.all():
+          # The history averages over the chunk's real classes, not its padding repeats.
+          for k in names:
+            metrics[k] = metrics["class_loss" if k == "loss" else f"class_{k}"][:, real].mean(1)
         for k in names:
-          metrics[k] = metrics["class_loss" if k == "loss" else f"class_{k}"][:, real].mean(1)
-      for k in names:
-        history[k][index, done:done + n] = metrics[k]
-      done += n
-      bar.update(n)
-      bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4g}", chunk=index)
-      if on_block is not None:
-        on_block(index, state, metrics)
-    images_out[class_ids[real]] = parallel.gather(state.images)[real]
+          history[k][index, done:done + n] = metrics[k]
+        live[index][3] = done + n
+        bar.update(n)
+        bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4g}", chunk=index)
+        if on_block is not None:
+          on_block(index, live[index][0], metrics)
+    for index in wave:
+      real = parallel.first_occurrences(chunks[index])
+      images_out[chunks[index][real]] = parallel.gather(live[index][0].images)[real]
   bar.close()
   with np.errstate(all="ignore"):
     return images_out, {k: np.nanmean(v, axis=0) for k, v in history.items()}

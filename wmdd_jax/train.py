@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from wmdd_jax import units as units_lib
 from wmdd_jax.data import transforms
 from wmdd_jax.errors import ConfigError, NonFiniteError, ShapeError
 from wmdd_jax.models import init_model
@@ -276,6 +277,58 @@ def make_train_step(
 
 
 @functools.lru_cache(maxsize=16)
+def make_unit_train_step(
+    model: nn.Module,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    crop_padding: int = 4,
+    flip: bool = True,
+    resized_crop: bool = False,
+    label_smoothing: float = 0.0,
+) -> tuple[Callable, Callable]:
+  """The train step cut into deterministic work units (see :mod:`wmdd_jax.units`).
+
+  Returns ``(unit, apply)``, both jitted:
+
+  * ``unit(params, batch_stats, images, labels, key, step i32[], index i32[], batch f32[])``: one
+    unit's gradient of its share of the batch-mean CE (its CE sum / ``batch``), its train-mode BN
+    statistics update weighted by its share of the batch, its CE share and top-1 count. The
+    augmentation key is ``fold_in(fold_in(key, step), index)``.
+  * ``apply(state, outs)``: sums the units' outputs in unit order, applies the gradient (state
+    donated) and returns ``(state, metrics)`` like :func:`make_train_step`'s step.
+
+  Args: as :func:`make_train_step`.
+  """
+  mean, std = tuple(mean), tuple(std)
+
+  def unit(params, batch_stats, images, labels, key, step, index, batch):
+    x = augment(units_lib.unit_key(key, step, index), transforms.to_float(images),
+                crop_padding=crop_padding, flip=flip, resized_crop=resized_crop)
+    x = transforms.normalize(x, mean, std)
+    share = labels.shape[0] / batch
+
+    def loss_fn(p):
+      (logits, _), updates = model.apply({"params": p, "batch_stats": batch_stats}, x,
+                                         train=True, mutable=["batch_stats"])
+      return jnp.sum(cross_entropy(logits, labels, label_smoothing)) / batch, (
+          logits, updates["batch_stats"])
+
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return {"grads": grads, "batch_stats": jax.tree.map(lambda v: v * share, new_stats),
+            "loss": loss,
+            "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+            "count": jnp.asarray(labels.shape[0], jnp.float32)}
+
+  def apply(state, outs):
+    total = units_lib.fold_sum(outs)
+    state = state.apply_gradients(grads=total["grads"], batch_stats=total["batch_stats"])
+    return state, {k: total[k] for k in ("loss", "correct", "count")}
+
+  return jax.jit(unit), jax.jit(apply, donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=16)
 def make_eval_step(
     model: nn.Module, *, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> Callable[[dict, jax.Array, jax.Array, jax.Array], dict]:
@@ -386,6 +439,7 @@ def evaluate(
     max_batches: int | None = None,
     mesh: Mesh | None = None,
     eval_step: Callable | None = None,
+    units: int = 0,
 ) -> dict[str, float]:
   """Top-1/top-5 accuracy (percent) and mean CE of ``model`` on ``data``.
 
@@ -399,13 +453,20 @@ def evaluate(
     max_batches: evaluate only this many batches (debug).
     mesh: device mesh (default: all local devices).
     eval_step: a step from :func:`make_eval_step` to reuse (avoids recompiling).
+    units: 0: each batch split over the mesh by XLA. N > 0: each batch cut into N deterministic
+      work units spread over the mesh's devices (:mod:`wmdd_jax.units`): bit-identical for any
+      device count.
 
   Returns:
     {"top1", "top5", "loss", "count"}.
   """
+  units = units_lib.check_units(units)
   mesh = mesh or data_mesh()
-  n_dev = mesh.devices.size
   eval_step = eval_step or make_eval_step(model, mean=tuple(mean), std=tuple(std))
+  if units:
+    return _evaluate_units(variables, data, eval_step, batch_size, max_batches,
+                           units_lib.devices_of(mesh), units)
+  n_dev = mesh.devices.size
   variables = replicate(mesh, {"params": variables["params"],
                                "batch_stats": variables["batch_stats"]})
   batches = _as_epoch_source(data, batch_size, shuffle=False, seed=0, drop_remainder=False)(0)
@@ -430,6 +491,10 @@ def evaluate(
       mask[b:] = False
     out = eval_step(variables, *shard_batch(mesh, images, labels, mask))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  return _accuracy(sums)
+
+
+def _accuracy(sums: dict | None) -> dict[str, float]:
   if sums is None:
     raise ShapeError("The evaluation data yielded no batches; pass a non-empty test split.")
   sums = jax.device_get(sums)
@@ -438,6 +503,49 @@ def evaluate(
           "top5": 100.0 * float(sums["correct5"]) / count,
           "loss": float(sums["loss"]) / count,
           "count": count}
+
+
+class _UnitTrainer:
+  """One teacher step as deterministic work units: units on devices g % D, combined in order on
+  the first device, which updates the state and sends the new weights to the others."""
+
+  def __init__(self, fns, devices, units, key, step):
+    self.unit, self.apply = fns
+    self.devices, self.units, self.step = devices, units, step
+    self.keys = units_lib.replicas(key, devices)
+
+  def __call__(self, state, images, labels):
+    weights = units_lib.replicas((state.params, state.batch_stats), self.devices)
+    batch = np.float32(len(labels))
+    outs = []
+    for g, (lo, hi) in enumerate(units_lib.bounds(len(labels), self.units)):
+      d = g % len(self.devices)
+      args = jax.device_put((images[lo:hi], labels[lo:hi], np.int32(self.step), np.int32(g),
+                             batch), self.devices[d])
+      outs.append(self.unit(*weights[d], args[0], args[1], self.keys[d], *args[2:]))
+    self.step += 1
+    return self.apply(state, jax.device_put(outs, self.devices[0]))
+
+
+def _evaluate_units(variables, data, eval_step, batch_size, max_batches, devices, units):
+  """:func:`evaluate` with deterministic work units (no padding: units of the batch's rows)."""
+  copies = units_lib.replicas({"params": variables["params"],
+                               "batch_stats": variables["batch_stats"]}, devices)
+  batches = _as_epoch_source(data, batch_size, shuffle=False, seed=0, drop_remainder=False)(0)
+  if max_batches is not None:
+    batches = itertools.islice(batches, max_batches)
+  sums = None
+  for images, labels in batches:
+    images, labels = np.asarray(images), np.asarray(labels, np.int32)
+    outs = []
+    for g, (lo, hi) in enumerate(units_lib.bounds(len(labels), units)):
+      d = g % len(devices)
+      args = jax.device_put((images[lo:hi], labels[lo:hi], np.ones(hi - lo, bool)), devices[d])
+      outs.append(eval_step(copies[d], *args))
+    if outs:
+      batch = units_lib.ordered_sum(outs, devices[0])
+      sums = batch if sums is None else units_lib.ordered_sum([sums, batch], devices[0])
+  return _accuracy(sums)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,6 +566,7 @@ def train_teacher(
     metrics_path: str | os.PathLike | None = None,
     progress: bool = True,
     mesh: Mesh | None = None,
+    units: int = 0,
 ) -> dict[str, Any]:
   """Trains ``model`` with SGD + cosine schedule, data-parallel over the local devices.
 
@@ -477,6 +586,9 @@ def train_teacher(
       train_loss, train_top1, test_top1/top5/loss when evaluated, seconds, images_per_s).
     progress: show a tqdm bar.
     mesh: device mesh (default: all local devices).
+    units: 0: each batch split over the mesh by XLA (BN statistics over the whole batch). N > 0:
+      each batch cut into N deterministic work units (:mod:`wmdd_jax.units`; BN statistics per
+      unit): the run is bit-identical for any device count.
 
   Returns:
     The trained variables ``{"params", "batch_stats"}`` as host (numpy) arrays.
@@ -485,8 +597,10 @@ def train_teacher(
     ConfigError: a batch smaller than the device count, or a callable without steps_per_epoch.
     NonFiniteError: the training loss became NaN/Inf.
   """
+  units = units_lib.check_units(units)
   mesh = mesh or data_mesh()
-  n_dev = mesh.devices.size
+  # With units the batch never splits over devices, so their number does not constrain it.
+  n_dev = 1 if units else mesh.devices.size
   if config.batch_size < n_dev:
     raise ConfigError(f"batch_size {config.batch_size} is smaller than the {n_dev} devices; "
                       f"use a batch of at least {n_dev} (ideally a multiple).")
@@ -524,14 +638,23 @@ def train_teacher(
                       weight_decay=config.weight_decay,
                       decay_norm_and_bias=config.decay_norm_and_bias)
   schedule = cosine_schedule(config.learning_rate, total_steps, warmup_steps)
-  # A copy: the step donates the state, which must not delete the caller's `variables`.
-  state = replicate(mesh, create_train_state(model, variables, tx), copy=True)
   mean, std = tuple(mean), tuple(std)
-  train_step = make_train_step(model, mean=mean, std=std, crop_padding=config.crop_padding,
-                               flip=config.flip, resized_crop=config.resized_crop,
-                               label_smoothing=config.label_smoothing)
+  step_options = dict(mean=mean, std=std, crop_padding=config.crop_padding, flip=config.flip,
+                      resized_crop=config.resized_crop, label_smoothing=config.label_smoothing)
   eval_step = make_eval_step(model, mean=mean, std=std)
-  aug_key = replicate(mesh, aug_key)
+  if units:
+    devices = units_lib.devices_of(mesh)
+    # The state lives on the first device (a copy: `apply` donates it); the units read copies.
+    state = jax.device_put(create_train_state(model, variables, tx), devices[0],
+                           may_alias=False)
+    train_step = _UnitTrainer(make_unit_train_step(model, **step_options), devices, units,
+                              aug_key, int(jax.device_get(state.step)))
+    aug_key = None
+  else:
+    # A copy: the step donates the state, which must not delete the caller's `variables`.
+    state = replicate(mesh, create_train_state(model, variables, tx), copy=True)
+    train_step = make_train_step(model, **step_options)
+    aug_key = replicate(mesh, aug_key)
 
   if metrics_path is not None:
     os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
@@ -548,7 +671,10 @@ def train_teacher(
           continue
         images = np.asarray(images[:usable])
         labels = np.asarray(labels[:usable], np.int32)
-        state, metrics = train_step(state, *shard_batch(mesh, images, labels), aug_key)
+        if units:
+          state, metrics = train_step(state, images, labels)
+        else:
+          state, metrics = train_step(state, *shard_batch(mesh, images, labels), aug_key)
         sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
         n_images += usable
         n_steps += 1
@@ -576,7 +702,8 @@ def train_teacher(
         t1 = time.perf_counter()
         result = evaluate(model, {"params": state.params, "batch_stats": state.batch_stats},
                           test_data, mean=mean, std=std, batch_size=config.eval_batch_size,
-                          max_batches=config.max_eval_batches, mesh=mesh, eval_step=eval_step)
+                          max_batches=config.max_eval_batches, mesh=mesh, eval_step=eval_step,
+                          units=units)
         record.update(test_top1=result["top1"], test_top5=result["top5"],
                       test_loss=result["loss"], eval_seconds=time.perf_counter() - t1)
       bar.set_postfix(epoch=epoch + 1, loss=f"{record['train_loss']:.3f}",
