@@ -12,9 +12,12 @@ axis plays two roles:
   teacher; only the all-class BN ablation reduces across devices).
 
 The sharded programs are the single-device programs partitioned by XLA (``jax.jit`` with
-``NamedSharding``), not rewritten by hand, so results equal the single-device ones up to float
-round-off in the cross-device reductions. Random numbers do not depend on the sharding (JAX's
-default ``jax_threefry_partitionable``).
+``NamedSharding``; barycenters under ``shard_map``), not rewritten by hand, so results equal the
+single-device ones up to float round-off (about 1e-7: cross-device reductions, per-device shapes
+and XLA's optimisation of partitioned programs). Random numbers do not depend on the sharding
+(JAX's default ``jax_threefry_partitionable``). When bit-identical results for any device count
+matter more than speed, pass ``units=N`` to the stages (``config.parallel.units``): see
+:mod:`wmdd_jax.units`.
 
 Several processes (hosts, or several processes on one machine): call :func:`initialize_distributed`
 before anything else touches JAX. It reads, in this order of preference:

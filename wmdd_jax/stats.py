@@ -9,13 +9,14 @@ cancellation of E[x^2] - E[x]^2. The state is O(C x total BN channels), so Image
 features are kept in host memory or, for large sets, written to a memory-mapped ``.npy`` file.
 
 Data parallel (``mesh=``, see :mod:`wmdd_jax.parallel`): each batch's forward pass is split
-along the mesh's axis; the small per-sample moments are gathered and summed per class by the
-same replicated program a single device runs, so the statistics are bit-identical for any number
-of devices. With several processes each
-one feeds its own shard of the data (``iter_batches(..., process_index=jax.process_index(),
-process_count=jax.process_count())``); the statistics are global on every process, the features
-are the process's own rows (:func:`wmdd_jax.parallel.gather_interleaved` restores the global
-order).
+along the mesh's axis; the small per-sample moments are gathered and summed per class by a
+replicated program, so no cross-device sum reorders the additions. The result still equals the
+single-device one only up to round-off (about 1e-7), because XLA optimises a partitioned program
+differently; ``units=N`` (:mod:`wmdd_jax.units`) makes it bit-identical for any device count.
+With several processes each one feeds its own shard of the data (``iter_batches(...,
+process_index=jax.process_index(), process_count=jax.process_count())``); the statistics are
+global on every process, the features are the process's own rows
+(:func:`wmdd_jax.parallel.gather_interleaved` restores the global order).
 """
 
 from __future__ import annotations
@@ -80,9 +81,8 @@ class StatsStep:
   With a mesh the forward takes the batch split along the mesh axis and the teacher replicated;
   it returns the per-sample BN-input moments, labels and mask *gathered* onto every device, and
   the features split like the batch. The accumulation then runs replicated on the gathered
-  batch: the very program a single device runs, so the statistics are bit-identical for any
-  device count (a sharded sum would reorder the additions). The gathered moments are small (two
-  floats per sample and BN channel). The step then returns ``(acc, features, live)``, ``live``
+  batch, with no cross-device sum (the gathered moments are small: two floats per sample and BN
+  channel). The step then returns ``(acc, features, live)``, ``live``
   f32[] the number of real rows of the global batch (processes that ran out of data use it to
   stop together).
 
