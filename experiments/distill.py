@@ -5,6 +5,9 @@
         --config.method=random --config.ipc=1 --config.debug=True
 
 Re-running with the same --workdir loads finished stages and continues an interrupted recover.
+Several hosts: run the same command in each, with WMDD_COORDINATOR=host0:port,
+WMDD_NUM_PROCESSES=N and WMDD_PROCESS_ID=i set, and a --workdir they all see (README, "Scaling
+out").
 """
 
 from absl import app, flags, logging

@@ -333,11 +333,13 @@ def _start(args: list[str], devices: int, log: str) -> subprocess.Popen:
   return _start_script(["-m", "tests.test_parallel", *args], devices, log)
 
 
-def _start_script(args: list[str], devices: int, log: str) -> subprocess.Popen:
+def _start_script(args: list[str], devices: int, log: str,
+                  extra_env: dict[str, str] | None = None) -> subprocess.Popen:
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
   for var in ("WMDD_COORDINATOR", "JAX_COORDINATOR_ADDRESS"):
     env.pop(var, None)
+  env.update(extra_env or {})
   with open(log, "w") as f:
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=f,
                             stderr=subprocess.STDOUT)
@@ -369,13 +371,21 @@ def workers():
   np.savez(data, x_train=images, y_train=labels)
   port = str(_free_port())
   procs = {"four": _start(["four", os.path.join(tmp, "four")], 4, os.path.join(tmp, "four.log"))}
-  # The pipeline's debug run, as a user types it, on 1 and on 4 devices.
+  # The pipeline's debug run, as a user types it, on 1 and on 4 devices, and as 2 processes.
+  distill = [os.path.join(ROOT, "experiments", "distill.py"), "--config",
+             os.path.join(ROOT, "experiments", "configs", "digits.py"), "--config.debug=True",
+             "--workdir"]
   for devices in (1, 4):
     procs[f"distill{devices}"] = _start_script(
-        [os.path.join(ROOT, "experiments", "distill.py"), "--config",
-         os.path.join(ROOT, "experiments", "configs", "digits.py"), "--workdir",
-         os.path.join(tmp, f"distill{devices}"), "--config.debug=True"], devices,
+        distill + [os.path.join(tmp, f"distill{devices}")], devices,
         os.path.join(tmp, f"distill{devices}.log"))
+  pipeline_port = str(_free_port())
+  for p in range(2):
+    procs[f"distill_process{p}"] = _start_script(
+        distill + [os.path.join(tmp, "distill_2x2")], 2,
+        os.path.join(tmp, f"distill_process{p}.log"),
+        {"WMDD_COORDINATOR": f"127.0.0.1:{pipeline_port}", "WMDD_NUM_PROCESSES": "2",
+         "WMDD_PROCESS_ID": str(p)})
   for p in range(2):
     procs[f"two{p}"] = _start(["two", str(p), port, data, os.path.join(tmp, "two")], 2,
                               os.path.join(tmp, f"two{p}.log"))
@@ -449,6 +459,32 @@ def test_debug_pipeline_metrics_do_not_depend_on_the_device_count(workers):
   with open(os.path.join(runs[1], "eval.json")) as f1, open(os.path.join(runs[4],
                                                                          "eval.json")) as f4:
     assert json.load(f1) == json.load(f4)  # per-epoch losses too
+
+
+def test_pipeline_runs_as_two_processes(workers):
+  """``distill.py`` as 2 processes x 2 devices: one shared workdir, every file written once (by
+  process 0), the same figures as the 1-process sharded run would give up to round-off."""
+  for p in range(2):
+    _wait(workers, f"distill_process{p}", marker=None)
+  workdir = os.path.join(workers["dir"], "distill_2x2")
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    metrics = json.load(f)
+  assert metrics["devices"] == 4 and metrics["teacher_top1"] > 50
+  assert 0 <= metrics["test_top1"] <= 100 and metrics["test_top5"] >= metrics["test_top1"]
+  expected = {"teacher", "stats.npz", "features.npy", "barycenter.npz", "recover_ckpt",
+              "recover_history.npz", "synset", "grid.png", "eval.json", "metrics.json",
+              "curves.png", "summary.txt", "config.json", "timings.json",
+              "teacher_metrics.jsonl"}
+  assert set(os.listdir(workdir)) == expected  # no temporary leftovers
+  with open(os.path.join(workdir, "teacher_metrics.jsonl")) as f:
+    assert len(f.readlines()) == 2  # 2 debug epochs, written by one process only
+  features = np.load(os.path.join(workdir, "features.npy"))
+  assert features.shape[0] == int(np.load(os.path.join(workdir, "stats.npz"))["counts"].sum())
+  logs = []
+  for p in range(2):
+    with open(os.path.join(workers["dir"], f"distill_process{p}.log")) as f:
+      logs.append(f.read())
+  assert "student test top-1" in logs[0] and "student test top-1" not in logs[1]
 
 
 if __name__ == "__main__":

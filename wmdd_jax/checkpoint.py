@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from wmdd_jax.errors import CheckpointError, ConfigError, ShapeError
 
@@ -185,24 +186,37 @@ def save_synthetic_set(path: str | os.PathLike, synset: SyntheticSet, *,
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and not overwrite:
     raise CheckpointError(f"{path} already exists; pass overwrite=True or choose another path.")
-  tmp = f"{path}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  # With several processes every one calls this (Orbax writes collectively) and process 0 does
+  # the file-system work, so the temporary name must be the same in all of them.
+  several = jax.process_count() > 1
+  primary = jax.process_index() == 0
+  tmp = f"{path}.tmp-multiprocess" if several else f"{path}.tmp-{os.getpid()}"
+  if primary:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+  _sync("synset-tmp")
   arrays = {"images": synset.images, "labels": synset.labels, "weights": synset.weights}
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(tmp, "arrays"), arrays)
     ckptr.wait_until_finished()
-  meta = {"format": SYNSET_FORMAT, "class_names": synset.class_names, "mean": synset.mean,
-          "std": synset.std, "config": synset.config, "shape": list(synset.images.shape)}
-  with open(os.path.join(tmp, "meta.json"), "w") as f:
-    json.dump(meta, f, indent=1, default=str)
-  if os.path.exists(path):
-    old = f"{path}.old-{os.getpid()}"
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.replace(tmp, path)
+  if primary:
+    meta = {"format": SYNSET_FORMAT, "class_names": synset.class_names, "mean": synset.mean,
+            "std": synset.std, "config": synset.config, "shape": list(synset.images.shape)}
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+      json.dump(meta, f, indent=1, default=str)
+    if os.path.exists(path):
+      old = f"{path}.old-{os.getpid()}"
+      os.replace(path, old)
+      os.replace(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, path)
+  _sync("synset-done")
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"wmdd_checkpoint:{name}")
 
 
 def load_synthetic_set(path: str | os.PathLike) -> SyntheticSet:

@@ -177,20 +177,7 @@ def replicate(tree: Any, mesh: Mesh, *, copy: bool = False) -> Any:
 
   ``copy`` never aliases the input buffers (use it for anything a step donates).
   """
-  if jax.process_count() == 1:
-    return train_lib.replicate(mesh, tree, copy=copy)
-
-  def one(x):
-    # Arrays on one local device go through the host: a process cannot address the others'
-    # devices, but every process holds the same value.
-    if not isinstance(x, jax.Array) or not x.is_fully_addressable:
-      return train_lib.replicate(mesh, x, copy=copy)
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys have no host form
-      data = train_lib.replicate(mesh, np.asarray(jax.random.key_data(x)))
-      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-    return train_lib.replicate(mesh, np.asarray(x), copy=copy)
-
-  return jax.tree.map(one, tree)
+  return train_lib.replicate(mesh, tree, copy=copy)
 
 
 def shard_leading(tree: Any, mesh: Mesh) -> Any:
@@ -395,7 +382,12 @@ def class_barycenters(
 
   solve = barycenter_solver(num_support, mesh=mesh, learn_weights=learn_weights,
                             **solver_options)
-  result = gather(solve(*jax.device_put((points, mass, keys), class_sharding(mesh))))
+  # Keys go through the host as raw data: with several processes a device array cannot be
+  # placed on the others' devices.
+  points, mass, key_data = jax.device_put(
+      (points, mass, np.asarray(jax.random.key_data(keys))), class_sharding(mesh))
+  keys = jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(keys))
+  result = gather(solve(points, mass, keys))
   return barycenter_lib.Barycenter(result.support[:num_classes], result.weights[:num_classes])
 
 

@@ -18,9 +18,10 @@ Devices (``config.parallel``): with ``mesh="auto"`` (the default) and more than 
 statistics pass and the student are data-parallel and barycenters and recover split the classes
 over one mesh of all devices (:mod:`wmdd_jax.parallel`); with one device nothing changes.
 ``memory_budget_bytes`` > 0 sizes recover's class chunk from the compiled step's memory per
-device. The teacher stage keeps its own data-parallel loop (:mod:`wmdd_jax.train`). The pipeline
-runs as one process; several processes are supported by the library stages, not yet here (their
-artefacts are written by one process; see :func:`run`).
+device. The teacher stage keeps its own data-parallel loop (:mod:`wmdd_jax.train`).
+``units`` > 0 cuts every stage into deterministic work units (:mod:`wmdd_jax.units`): the run is
+then bit-identical for any device count; debug runs use 4. Several processes (hosts) run the
+same command against a shared ``workdir``; process 0 writes the files (see :func:`run`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from wmdd_jax import barycenter as barycenter_lib
 from wmdd_jax import checkpoint, parallel, relabel, report, stats, synthesis
@@ -107,8 +109,10 @@ def debug_config(config: Any) -> Any:
     c.eval.eval_every = 1
     # Debug runs check the code, so they are made independent of the device count: the same
     # metrics.json on 1 CPU as on 4 simulated devices or 8 GPUs.
+    # (Work units need one process; multi-process debug runs keep the sharded programs.)
     section = c.get("parallel")
-    if section is not None and not int(section.get("units", 0) or 0):
+    if (section is not None and not int(section.get("units", 0) or 0)
+        and jax.process_count() == 1):
       section["units"] = 4
   return c
 
@@ -175,10 +179,29 @@ class _Timer:
     self.timings[self.name] = round(time.perf_counter() - self.start, 3)
 
 
+def _primary() -> bool:
+  """Whether this process writes the run's files (process 0; every process computes)."""
+  return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+  """With several processes: wait until all reach this point (e.g. a file process 0 wrote)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"wmdd_pipeline:{name}")
+
+
+def _write_timings(path: str, timings: dict[str, float]) -> None:
+  if _primary():
+    report.write_json(path, timings)
+
+
 def _save_npz(path: str, **arrays: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  """Every process calls it with the same arrays; process 0 writes them (atomically)."""
+  if _primary():
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+  _sync(os.path.basename(path))
 
 
 def _teacher(config, dataset, workdir, root, timings, log, mesh=None):
@@ -198,7 +221,8 @@ def _teacher(config, dataset, workdir, root, timings, log, mesh=None):
     variables = train_lib.train_teacher(
         model, train, test, tcfg, mean=dataset.mean, std=dataset.std,
         image_shape=dataset.image_shape,
-        metrics_path=os.path.join(workdir, "teacher_metrics.jsonl"), mesh=mesh,
+        metrics_path=os.path.join(workdir, "teacher_metrics.jsonl") if _primary() else None,
+        mesh=mesh,
         units=work_units(config))
     result = train_lib.evaluate(model, variables, test, mean=dataset.mean, std=dataset.std,
                                 mesh=mesh, units=work_units(config))
@@ -229,12 +253,30 @@ def _statistics(config, dataset, model, variables, workdir, timings, log, mesh=N
     log("statistics: loaded")
     return st, feats
   batch = int(config.stats.get("batch_size", 256))
+  split = _split(config, "train")
+  feature_path = os.path.join(workdir, "features.npy")
   with _Timer(timings, "statistics"):
-    st, feats = stats.compute_class_statistics(
-        model, variables, dataset.iter_batches(_split(config, "train"), batch),
-        num_classes=dataset.num_classes, image_shape=dataset.image_shape, mean=dataset.mean,
-        std=dataset.std, batch_size=batch, total=dataset.num_examples(_split(config, "train")),
-        feature_path=os.path.join(workdir, "features.npy"), mesh=mesh, units=work_units(config))
+    if jax.process_count() == 1:
+      st, feats = stats.compute_class_statistics(
+          model, variables, dataset.iter_batches(split, batch),
+          num_classes=dataset.num_classes, image_shape=dataset.image_shape, mean=dataset.mean,
+          std=dataset.std, batch_size=batch, total=dataset.num_examples(split),
+          feature_path=feature_path, mesh=mesh, units=work_units(config))
+    else:
+      # Each process reads its own shard; the features (which every process needs for the
+      # barycenters) are then gathered back into the single-process order.
+      shard = dataset.iter_batches(split, batch, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+      st, local = stats.compute_class_statistics(
+          model, variables, shard, num_classes=dataset.num_classes,
+          image_shape=dataset.image_shape, mean=dataset.mean, std=dataset.std,
+          batch_size=batch, mesh=mesh)
+      feats = stats.Features(parallel.gather_interleaved(local.features),
+                             parallel.gather_interleaved(local.labels))
+      if _primary():
+        tmp = f"{feature_path}.tmp-{os.getpid()}.npy"
+        np.save(tmp, feats.features)
+        os.replace(tmp, feature_path)
     arrays = {"num_layers": len(st.mean), "counts": st.counts, "labels": feats.labels}
     for name in ("mean", "var", "global_mean", "global_var"):
       for i, a in enumerate(getattr(st, name)):
@@ -332,7 +374,13 @@ def _synthesize(config, dataset, model, variables, workdir, root, timings, log, 
           class_chunk=int(config.recover.get("class_chunk", 0)), initial_images=initial,
           resume=ckpt.resume, on_block=ckpt.on_block, mesh=mesh,
           memory_budget_bytes=budget or None, units=work_units(config))
-    _save_npz(os.path.join(workdir, "recover_history.npz"), **history)
+    history_path = os.path.join(workdir, "recover_history.npz")
+    if os.path.exists(history_path):
+      # A resumed recover saw only its last steps: keep the earlier run's record of the others.
+      with np.load(history_path) as before:
+        history = {k: np.where(np.isnan(v), before[k], v) if k in before.files
+                   and before[k].shape == v.shape else v for k, v in history.items()}
+    _save_npz(history_path, **history)
     log(f"recover: {options.iterations} steps, final loss {history['loss'][-1]:.4g}")
   synset = checkpoint.SyntheticSet(
       images, np.repeat(np.arange(c), ipc).reshape(c, ipc), weights, dataset.class_names,
@@ -369,7 +417,9 @@ def _evaluate(config, dataset, teacher_model, teacher_vars, synset, workdir, roo
          "best_top1": float(result.best_top1), "best_top5": float(result.best_top5),
          "student": student_name,
          "history": [dict(r._asdict()) for r in result.history]}
-  report.write_json(path, out)
+  if _primary():
+    report.write_json(path, out)
+  _sync("eval.json")
   log(f"evaluation: student {student_name} test top-1 {out['test_top1']:.2f}% "
       f"(best {out['best_top1']:.2f}%)")
   return out
@@ -381,30 +431,31 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
   With ``evaluate=False`` it stops after the synthetic set (``workdir/synset`` and ``grid.png``)
   and returns ``{"synset": path, "seconds": ...}`` (``experiments/recover.py``).
 
+  Several processes (``WMDD_COORDINATOR``/``WMDD_NUM_PROCESSES``/``WMDD_PROCESS_ID``, see
+  :func:`wmdd_jax.parallel.initialize_distributed`) each call ``run`` with the same config and a
+  ``workdir`` they all see (a shared file system). Every process computes every stage over one
+  mesh of all devices, reading its own shard of the statistics pass; process 0 writes the files
+  and logs, the others wait for them; Orbax checkpoints are written collectively.
+
   Raises:
-    ConfigError: an unknown method or mesh mode, or several processes (see the module
-      docstring).
+    ConfigError: an unknown method, mesh mode or units value (units > 0 with several
+      processes).
   """
+  parallel.initialize_distributed()  # a no-op unless WMDD_COORDINATOR is set
   if config.get("debug", False):
     config = debug_config(config)
   if config.method not in METHODS:
     raise ConfigError(f"config.method={config.method!r} is not one of {METHODS}.")
-  parallel.initialize_distributed()  # a no-op unless WMDD_COORDINATOR is set
-  if jax.process_count() > 1:
-    # Every artefact (npz files, Orbax teacher and synthetic set) is written by each process to
-    # the same paths, which would race; only the library stages are multi-process so far.
-    raise ConfigError(
-        f"pipeline.run is running in {jax.process_count()} processes; it supports one process "
-        "with any number of local devices. Unset WMDD_COORDINATOR (and JAX_COORDINATOR_ADDRESS), "
-        "or drive the multi-process stages directly (stats.compute_class_statistics, "
-        "parallel.class_barycenters, synthesis.recover and relabel.train_student with mesh=).")
+  if not _primary():
+    log = lambda *args, **kwargs: None  # noqa: E731 - one progress log, from process 0
   mesh = device_mesh(config)
   work_units(config)  # a bad value fails here, before any stage runs
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
-            else json.dumps(dict(config), indent=2, default=str))
+  if _primary():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
+              else json.dumps(dict(config), indent=2, default=str))
   timings_path = os.path.join(workdir, "timings.json")
   timings: dict[str, float] = {}
   if os.path.exists(timings_path):
@@ -414,13 +465,14 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
   dataset = open_dataset(config.dataset.spec, **_to_dict(config.dataset.get("options")))
   try:
     model, variables, meta = _teacher(config, dataset, workdir, root, timings, log, mesh)
-    report.write_json(timings_path, timings)
+    _write_timings(timings_path, timings)
     variables = jax.device_put(variables)
     synset, history = _synthesize(config, dataset, model, variables, workdir, root, timings, log,
                                   mesh)
-    report.write_json(timings_path, timings)
+    _write_timings(timings_path, timings)
     mean, std = np.asarray(synset.mean), np.asarray(synset.std)
-    report.save_grid(os.path.join(workdir, "grid.png"), synset.images * std + mean)
+    if _primary():
+      report.save_grid(os.path.join(workdir, "grid.png"), synset.images * std + mean)
     if not evaluate:
       log(f"synthetic set: {os.path.join(workdir, 'synset')}, grid: "
           f"{os.path.join(workdir, 'grid.png')}")
@@ -428,7 +480,7 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
     result = _evaluate(config, dataset, model, variables, synset, workdir, root, timings, log,
                        mesh)
   finally:
-    report.write_json(timings_path, timings)
+    _write_timings(timings_path, timings)
   if history is None and os.path.exists(os.path.join(workdir, "recover_history.npz")):
     history = dict(np.load(os.path.join(workdir, "recover_history.npz")))
   panels = []
@@ -441,7 +493,7 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
   if hist:
     panels.append(("student test top-1 (%)", {"top1": ([h["epoch"] for h in hist],
                                                       [h["top1"] for h in hist])}))
-  if panels:
+  if panels and _primary():
     report.save_curves(os.path.join(workdir, "curves.png"), panels)
   metrics = {
       "dataset": config.dataset.spec, "method": config.method, "ipc": int(config.ipc),
@@ -451,13 +503,15 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
       "teacher_top1": meta.get("test_top1"), "student": result.get("student"),
       "seconds": timings, "backend": jax.default_backend(), "devices": jax.device_count(),
   }
-  report.write_json(os.path.join(workdir, "metrics.json"), metrics)
+  if _primary():
+    report.write_json(os.path.join(workdir, "metrics.json"), metrics)
   summary = (f"{config.method} on {config.dataset.spec}, IPC {config.ipc}, seed {config.seed}: "
              f"student test top-1 {metrics['test_top1']:.2f}% (best {metrics['best_top1']:.2f}%),"
              f" top-5 {metrics['test_top5']:.2f}%; teacher {metrics['teacher_top1']}%.\n"
              f"seconds per stage: {json.dumps(timings)}\nfiles: {workdir}\n")
-  with open(os.path.join(workdir, "summary.txt"), "w") as f:
-    f.write(summary)
+  if _primary():
+    with open(os.path.join(workdir, "summary.txt"), "w") as f:
+      f.write(summary)
   log(summary.strip())
   return metrics
 

@@ -383,8 +383,25 @@ def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
 
 
 def replicate(mesh: Mesh, tree: Any, *, copy: bool = False) -> Any:
-  """Places a pytree on every device of the mesh (``copy``: never alias the input buffers)."""
-  return jax.device_put(tree, NamedSharding(mesh, P()), may_alias=False if copy else None)
+  """Places a pytree on every device of the mesh (``copy``: never alias the input buffers).
+
+  With several processes every process must pass the same values; device arrays then go
+  through the host (a process cannot address the others' devices).
+  """
+  sharding = NamedSharding(mesh, P())
+  may_alias = False if copy else None
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding, may_alias=may_alias)
+
+  def one(x):
+    if not isinstance(x, jax.Array) or not x.is_fully_addressable:
+      return jax.device_put(x, sharding, may_alias=may_alias)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys have no host form
+      data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding, may_alias=may_alias)
+
+  return jax.tree.map(one, tree)
 
 
 def array_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
