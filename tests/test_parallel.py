@@ -214,16 +214,17 @@ def _worker_four(workdir: str) -> dict:
   r1 = relabel.train_student(model, model, variables, x1, None, None, options=sopts)
   r4 = relabel.train_student(model, model, variables, x1, None, None, options=sopts, mesh=mesh)
   out["student"] = _max_err(r1.variables, r4.variables)
-  out["units"] = _units_checks(mesh, model, variables, images, labels, make_targets)
+  out["units"] = _units_checks(mesh, model, variables, images, labels, make_targets, workdir)
   return out
 
 
-def _units_checks(mesh, model, variables, images, labels, make_targets) -> dict[str, float]:
+def _units_checks(mesh, model, variables, images, labels, make_targets, workdir: str
+                  ) -> dict[str, float]:
   """Deterministic work units (units=3) on the first device only vs spread over 4 devices:
   every stage must be bit-identical (max error exactly 0)."""
   import jax
 
-  from wmdd_jax import barycenter, relabel, stats, synthesis
+  from wmdd_jax import barycenter, checkpoint, relabel, stats, synthesis
   from wmdd_jax import train as train_lib
 
   one = train_lib.data_mesh([jax.devices()[0]])
@@ -255,8 +256,18 @@ def _units_checks(mesh, model, variables, images, labels, make_targets) -> dict[
   rk = dict(ipc=K, image_shape=SHAPE, mean=MEAN, std=STD, options=_recover_options(),
             key=jax.random.key(1), progress=False, units=3)
   x1, h1 = synthesis.recover(model, variables, make_targets(s1), **rk)
-  x4, h4 = synthesis.recover(model, variables, make_targets(s1), mesh=mesh, **rk)
+  ckpt_dir = os.path.join(workdir, "units_ckpt")
+  with checkpoint.RecoverCheckpointer(ckpt_dir, save_every=10, iterations=20) as ckpt:
+    x4, h4 = synthesis.recover(model, variables, make_targets(s1), mesh=mesh,
+                               on_block=ckpt.on_block, **rk)
   err["recover"] = _max_err((x1, h1), (x4, h4))
+  # Resumed from step 10 of each chunk (chunks on different devices), the last steps redone.
+  for chunk in sorted(os.listdir(ckpt_dir)):
+    shutil.rmtree(os.path.join(ckpt_dir, chunk, "20"))
+  with checkpoint.RecoverCheckpointer(ckpt_dir, save_every=10, iterations=20) as ckpt:
+    x4r, _ = synthesis.recover(model, variables, make_targets(s1), mesh=mesh,
+                               resume=ckpt.resume, **rk)
+  err["recover_resumed"] = _max_err(x4, x4r)
   sopts = relabel.StudentOptions(epochs=2, batch_size=5, progress=False)
   weights = np.linspace(0.5, 1.5, C * K).astype(np.float32)
   r1 = relabel.train_student(model, model, variables, x1.reshape(C * K, *SHAPE), weights, data,
@@ -417,7 +428,7 @@ def test_four_devices_match_one_device(workers):
   assert "multiple of 4" in r["indivisible_error"]
   # Deterministic work units: exactly the same numbers on 1 and on 4 devices, stage by stage.
   assert r["units"] == {name: 0.0 for name in ("teacher", "evaluate", "stats", "barycenter",
-                                               "recover", "student")}, r["units"]
+                                               "recover", "recover_resumed", "student")}, r["units"]
 
 
 def test_two_processes_match_one_process(workers):
