@@ -88,6 +88,19 @@ def test_unknown_method():
     pipeline.run(c, "/tmp/never-used-wmdd", log=lambda *_: None)
 
 
+def test_debug_runs_use_work_units_unless_set():
+  c = pipeline.default_config()
+  assert pipeline.work_units(c) == 0  # full runs: sharded programs
+  assert pipeline.work_units(pipeline.debug_config(c)) == 4  # debug: device-count independent
+  with c.unlocked():
+    c.parallel.units = 2
+  assert pipeline.work_units(pipeline.debug_config(c)) == 2
+  with c.unlocked():
+    c.parallel.units = -1
+  with pytest.raises(ConfigError, match="units must be an int"):
+    pipeline.run(c, "/tmp/never-used-wmdd", log=lambda *_: None)
+
+
 def test_distill_script_debug_writes_metrics(tmp_path):
   import subprocess
   import sys
