@@ -496,6 +496,7 @@ def test_pipeline_runs_as_two_processes(workers):
     with open(os.path.join(workers["dir"], f"distill_process{p}.log")) as f:
       logs.append(f.read())
   assert "student test top-1" in logs[0] and "student test top-1" not in logs[1]
+  assert "recover:" in logs[0] and "recover:" not in logs[1]  # no progress bars either
 
 
 if __name__ == "__main__":

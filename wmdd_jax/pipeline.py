@@ -222,7 +222,7 @@ def _teacher(config, dataset, workdir, root, timings, log, mesh=None):
         model, train, test, tcfg, mean=dataset.mean, std=dataset.std,
         image_shape=dataset.image_shape,
         metrics_path=os.path.join(workdir, "teacher_metrics.jsonl") if _primary() else None,
-        mesh=mesh,
+        progress=_primary(), mesh=mesh,
         units=work_units(config))
     result = train_lib.evaluate(model, variables, test, mean=dataset.mean, std=dataset.std,
                                 mesh=mesh, units=work_units(config))
@@ -270,7 +270,7 @@ def _statistics(config, dataset, model, variables, workdir, timings, log, mesh=N
       st, local = stats.compute_class_statistics(
           model, variables, shard, num_classes=dataset.num_classes,
           image_shape=dataset.image_shape, mean=dataset.mean, std=dataset.std,
-          batch_size=batch, mesh=mesh)
+          batch_size=batch, mesh=mesh, progress=_primary())
       feats = stats.Features(parallel.gather_interleaved(local.features),
                              parallel.gather_interleaved(local.labels))
       if _primary():
@@ -372,7 +372,7 @@ def _synthesize(config, dataset, model, variables, workdir, root, timings, log, 
           model, variables, targets, ipc=ipc, image_shape=dataset.image_shape,
           mean=dataset.mean, std=dataset.std, options=options, key=stage_key(root, "recover"),
           class_chunk=int(config.recover.get("class_chunk", 0)), initial_images=initial,
-          resume=ckpt.resume, on_block=ckpt.on_block, mesh=mesh,
+          resume=ckpt.resume, on_block=ckpt.on_block, mesh=mesh, progress=_primary(),
           memory_budget_bytes=budget or None, units=work_units(config))
     history_path = os.path.join(workdir, "recover_history.npz")
     if os.path.exists(history_path):
@@ -402,8 +402,10 @@ def _evaluate(config, dataset, teacher_model, teacher_vars, synset, workdir, roo
   student_opts = _to_dict(ev.get("model_options")) if ev.get("model") else _to_dict(
       config.teacher.get("model_options"))
   student = get_model(student_name, dataset.num_classes, **student_opts)
+  # One set of progress bars with several processes: process 0's.
   options = relabel.StudentOptions(**_dataclass_kwargs(relabel.StudentOptions, ev,
-                                                       seed=int(config.seed)))
+                                                       seed=int(config.seed),
+                                                       progress=_primary()))
   images, _, weights = synset.flat()
   if not config.eval.get("use_weights", True) or config.method != "wmdd":
     weights = np.ones_like(weights)

@@ -176,6 +176,7 @@ def compute_class_statistics(
     feature_path: str | os.PathLike | None = None,
     mesh: Mesh | None = None,
     units: int = 0,
+    progress: bool = True,
 ) -> tuple[ClassStatistics, Features | None]:
   """Streams the real train split once through the eval-mode teacher.
 
@@ -199,6 +200,7 @@ def compute_class_statistics(
     units: N > 0: each batch's forward pass cut into N deterministic work units spread over the
       mesh's devices, the per-class sums on the first device (:mod:`wmdd_jax.units`):
       bit-identical for any device count. 0: the batch split by XLA as above.
+    progress: show a tqdm bar.
 
   Returns:
     (ClassStatistics, Features or None). The statistics cover every process's data; with several
@@ -229,7 +231,8 @@ def compute_class_statistics(
     if total is None:
       raise ShapeError("feature_path needs total= (the number of images) to size the file; "
                        "pass total=dataset.num_examples('train').")
-  with tqdm(total=total, desc="statistics", unit="img", leave=False) as bar:
+  with tqdm(total=total, desc="statistics", unit="img", leave=False,
+            disable=not progress) as bar:
     for images, labels in batches:
       images = np.asarray(images)
       labels = np.asarray(labels, np.int32)
