@@ -319,6 +319,22 @@ def _worker_two(process_id: int, port: int, data: str, workdir: str) -> dict:
   np.savez(os.path.join(workdir, f"process{process_id}.npz"), images=images,
            features=parallel.gather_interleaved(feats.features),
            labels=parallel.gather_interleaved(feats.labels), **_flat_stats(st))
+
+  # A teacher saved by one process from device arrays loads in every process of this run.
+  loaded, meta = checkpoint.load_teacher(os.path.join(os.path.dirname(data), "teacher"))
+  out["teacher_loaded"] = _max_err(loaded, variables) if meta.get("test_top1") == 12.5 else None
+  # The pipeline refuses to run several processes without the global mesh (each would compute
+  # the statistics of its own shard only), before any stage runs.
+  from wmdd_jax import ConfigError, pipeline
+
+  config = pipeline.default_config()
+  config.parallel.mesh = "off"
+  try:
+    pipeline.run(config, os.path.join(workdir, f"never{process_id}"), log=lambda *_: None)
+    out["mesh_off"] = None
+  except ConfigError as e:
+    out["mesh_off"] = str(e)
+  out["mesh_off_wrote"] = os.path.exists(os.path.join(workdir, f"never{process_id}"))
   return out
 
 
@@ -372,6 +388,15 @@ def _result(proc: subprocess.Popen, log: str, timeout: float, marker: str = "RES
   return json.loads(lines[-1][len("RESULT "):])
 
 
+def _save_device_teacher(path: str) -> None:
+  """The workers' tiny teacher, saved by this (one-device) process from device arrays."""
+  from tests.tiny_models import TinyNet, tiny_variables
+  from wmdd_jax import checkpoint
+
+  variables = tiny_variables(TinyNet(num_classes=C), SHAPE)  # jax arrays on this device
+  checkpoint.save_teacher(path, variables, {"model": "tiny", "test_top1": 12.5})
+
+
 @pytest.fixture(scope="module")
 def workers():
   tmp = tempfile.mkdtemp(prefix="wmdd_parallel_")
@@ -380,6 +405,7 @@ def workers():
   labels = np.concatenate([np.arange(C), rng.integers(0, C, 36)]).astype(np.int64)
   data = os.path.join(tmp, "data.npz")
   np.savez(data, x_train=images, y_train=labels)
+  _save_device_teacher(os.path.join(tmp, "teacher"))
   port = str(_free_port())
   procs = {"four": _start(["four", os.path.join(tmp, "four")], 4, os.path.join(tmp, "four.log"))}
   # The pipeline's debug run, as a user types it, on 1 and on 4 devices, and as 2 processes.
@@ -438,6 +464,8 @@ def test_two_processes_match_one_process(workers):
   reference = np.load(os.path.join(workers["dir"], "four", "reference.npz"))
   for p, r in enumerate(results):
     assert r["restored_step"] == 20 and r["restored"] <= TOL
+    assert r["teacher_loaded"] == 0.0
+    assert "several processes need the mesh" in r["mesh_off"] and not r["mesh_off_wrote"]
     got = np.load(os.path.join(workers["dir"], "two", f"process{p}.npz"))
     assert sorted(got.files) == sorted(reference.files)
     np.testing.assert_array_equal(got["labels"], reference["labels"])

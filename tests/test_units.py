@@ -13,6 +13,7 @@ def test_bounds_cover_every_row_once_in_order():
   assert units.bounds(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]  # np.array_split's sizes
   assert units.bounds(8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
   assert units.bounds(3, 4) == [(0, 1), (1, 2), (2, 3)]  # never an empty unit
+  assert units.bounds(0, 4) == []
   for n in (1, 5, 64, 97):
     for g in (1, 2, 3, 8):
       parts = units.bounds(n, g)

@@ -65,7 +65,10 @@ def save_teacher(path: str | os.PathLike, variables: dict[str, Any], meta: dict[
   if os.path.exists(path) and not overwrite:
     raise CheckpointError(f"A file or checkpoint already exists at {path}; remove it, choose "
                           "another path, or pass overwrite=True.")
-  tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+  # Host arrays: a checkpoint of device arrays records their sharding, which a run on another
+  # topology (e.g. several processes) then cannot restore.
+  tree = jax.device_get({"params": variables["params"],
+                         "batch_stats": variables.get("batch_stats", {})})
   os.makedirs(os.path.dirname(path), exist_ok=True)
   try:
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:

@@ -396,9 +396,11 @@ def barycenter_solver(num_support: int, *, mesh: Mesh | None = None, learn_weigh
   """The jitted per-class solver of :func:`class_barycenters`.
 
   ``solve(points f32[C, n, d], mass f32[C, n], keys key[C]) -> Barycenter(f32[C, k, d],
-  f32[C, k])``: ``free_support_barycenter`` vmapped over classes, with every input and output
-  split along the classes over ``mesh`` (None: one device). Exposed for ahead-of-time memory
-  analysis (``solve.lower(...)``).
+  f32[C, k])``: the library's per-class solver vmapped over classes, with every input and output
+  split along the classes over ``mesh`` (None: one device). Unlike ``free_support_barycenter``
+  it checks nothing and does not renormalise: ``n`` must be padded as the library pads it and
+  each class's ``mass`` must sum to 1 (zero on padding rows), as :func:`class_barycenters`
+  builds them. Exposed for ahead-of-time memory analysis (``solve.lower(...)``).
   """
   opts = barycenter_lib._options(solver_options)  # noqa: SLF001 - the library's own core
 

@@ -95,7 +95,12 @@ def default_config():
 
 
 def debug_config(config: Any) -> Any:
-  """A copy of ``config`` shrunk to run in seconds (``--config.debug=True``): same code paths."""
+  """A copy of ``config`` shrunk to run in seconds (``--config.debug=True``).
+
+  The same stages and code, fewer steps; with one process and ``parallel.units`` left at 0 it
+  also sets ``units=4`` (deterministic work units, so a debug run does not depend on the device
+  count; the sharded ``units=0`` programs are exercised by full runs and tests/test_parallel.py).
+  """
   c = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") \
       else config
   with c.unlocked() if hasattr(c, "unlocked") else contextlib.nullcontext():
@@ -108,7 +113,7 @@ def debug_config(config: Any) -> Any:
     c.eval.epochs = min(int(c.eval.epochs), 2)
     c.eval.eval_every = 1
     # Debug runs check the code, so they are made independent of the device count: the same
-    # metrics.json on 1 CPU as on 4 simulated devices or 8 GPUs.
+    # metrics.json on 1 CPU as on 4 simulated CPU devices (on one backend; see units.py).
     # (Work units need one process; multi-process debug runs keep the sharded programs.)
     section = c.get("parallel")
     if (section is not None and not int(section.get("units", 0) or 0)
@@ -405,7 +410,8 @@ def _evaluate(config, dataset, teacher_model, teacher_vars, synset, workdir, roo
   # One set of progress bars with several processes: process 0's.
   options = relabel.StudentOptions(**_dataclass_kwargs(relabel.StudentOptions, ev,
                                                        seed=int(config.seed),
-                                                       progress=_primary()))
+                                                       progress=_primary() and bool(
+                                                           ev.get("progress", True))))
   images, _, weights = synset.flat()
   if not config.eval.get("use_weights", True) or config.method != "wmdd":
     weights = np.ones_like(weights)
@@ -451,6 +457,11 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
   if not _primary():
     log = lambda *args, **kwargs: None  # noqa: E731 - one progress log, from process 0
   mesh = device_mesh(config)
+  if mesh is None and jax.process_count() > 1:
+    # Without the global mesh each process would compute statistics of its own shard only.
+    raise ConfigError(f"config.parallel.mesh={config.parallel.mesh!r} with "
+                      f"{jax.process_count()} processes: several processes need the mesh "
+                      "over all their devices; set config.parallel.mesh='auto' or 'on'.")
   work_units(config)  # a bad value fails here, before any stage runs
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)

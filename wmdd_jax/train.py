@@ -1,10 +1,12 @@
 """Supervised training of teachers: TrainState, optimiser, jitted steps and the loop.
 
-The loop is data-parallel over the local devices: a 1-D :class:`jax.sharding.Mesh` named
-``"batch"``; every batch is sharded along its first axis, the train state is replicated, and XLA
-inserts the gradient all-reduce. With one device (this repository's CPU CI) the same code runs
-unchanged. Training batches are trimmed to a multiple of the device count; evaluation batches are
-padded (with a mask) to a fixed size so a single compiled step serves the whole split.
+The loop is data-parallel over a 1-D :class:`jax.sharding.Mesh` named ``"batch"`` (default: the
+local devices; the pipeline passes the mesh of all processes' devices): every batch is sharded
+along its first axis, the train state is replicated, and XLA inserts the gradient all-reduce.
+``units=N`` replaces this by deterministic work units (:mod:`wmdd_jax.units`). With one device
+(this repository's CPU CI) the same code runs unchanged. Training batches are trimmed to a
+multiple of the device count; evaluation batches are padded (with a mask) to a fixed size so a
+single compiled step serves the whole split.
 
 Images enter the steps as uint8 pixels (or floats in [0, 1]); augmentation (pad + random crop,
 horizontal flip) and normalisation happen inside the jitted step, so host work is only batching.
@@ -58,7 +60,7 @@ class TeacherConfig:
 
   Attributes:
     epochs: passes over the training data.
-    batch_size: global batch (over all local devices).
+    batch_size: global batch (over all devices of the mesh).
     learning_rate: peak learning rate of the cosine schedule.
     momentum: SGD momentum.
     nesterov: Nesterov momentum.
@@ -585,7 +587,7 @@ def train_teacher(
     mesh: Mesh | None = None,
     units: int = 0,
 ) -> dict[str, Any]:
-  """Trains ``model`` with SGD + cosine schedule, data-parallel over the local devices.
+  """Trains ``model`` with SGD + cosine schedule, data-parallel over the mesh's devices.
 
   Args:
     model: the network (from :func:`wmdd_jax.models.get_model`).

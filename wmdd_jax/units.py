@@ -10,8 +10,12 @@ k-means++ then seeds the barycenters differently, and the final accuracy moves b
 With ``units=N`` every batch is cut into N contiguous work units whose bounds depend only on the
 batch size (:func:`bounds`). Unit ``g`` runs the same single-device jitted program on device
 ``g % D``, and the units' results are combined on the first device in unit order
-(:func:`ordered_sum`). Nothing depends on D, so a run is bit-identical on 1, 2, 4 or 8 devices
-(the CPU tests check 1 vs 4). The price, paid only when asked for:
+(:func:`ordered_sum`). Nothing depends on D, so on one backend a run is bit-identical on 1, 2, 4
+or 8 devices (the CPU tests check 1 vs 4). Across backends (CPU vs GPU) results differ as usual.
+On GPUs, bit-identity also needs XLA's deterministic kernels
+(``XLA_FLAGS=--xla_gpu_deterministic_ops=true``), and each process autotunes its convolutions on
+its own, so fix the algorithms (``--xla_gpu_autotune_level=0``) when comparing runs; this is
+untested here (no GPU). The price, paid only when asked for:
 
 * train-mode BatchNorm normalises each unit separately (as PyTorch DDP without SyncBN), so
   ``units`` changes training slightly compared with ``units=0``;
@@ -52,8 +56,10 @@ def bounds(n: int, units: int) -> list[tuple[int, int]]:
   """``[start, stop)`` of ``units`` contiguous near-equal parts of ``n`` rows.
 
   The first ``n % units`` parts are one row longer (``np.array_split``'s rule); parts are never
-  empty (fewer than ``units`` parts when ``n < units``).
+  empty (fewer than ``units`` parts when ``n < units``, none when ``n == 0``).
   """
+  if n <= 0:
+    return []
   units = max(1, min(int(units), int(n)))
   edges = np.cumsum([0] + [n // units + (g < n % units) for g in range(units)])
   return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
