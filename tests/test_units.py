@@ -44,6 +44,15 @@ def test_ordered_sum_adds_left_to_right():
   assert float(units.fold_sum(reordered)["x"]) == 1.0
 
 
+def test_map_units_runs_units_round_robin_in_order():
+  dev = jax.devices()[0]
+  outs = units.map_units(lambda g, d, lo, hi: jnp.array([g, d, lo, hi]), 10, 4, [dev, dev, dev])
+  np.testing.assert_array_equal(np.stack(outs), [[0, 0, 0, 3], [1, 1, 3, 6], [2, 2, 6, 8],
+                                                 [3, 0, 8, 10]])
+  assert all(o.devices() == {dev} for o in outs)
+  assert units.map_units(lambda *a: 1 / 0, 0, 4, [dev]) == []  # no rows: no unit runs
+
+
 def test_gather_rows_concatenates_units_in_order():
   parts = [(jnp.arange(3.0), jnp.ones((3, 2))), (jnp.arange(3.0, 5.0), jnp.zeros((2, 2)))]
   a, b = units.gather_rows(parts, jax.devices()[0])

@@ -27,8 +27,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
+from wmdd_jax import parallel
 from wmdd_jax.errors import CheckpointError, ConfigError, ShapeError
 
 TEACHER_FORMAT = "wmdd_jax.teacher/1"
@@ -197,7 +197,7 @@ def save_synthetic_set(path: str | os.PathLike, synset: SyntheticSet, *,
   if primary:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-  _sync("synset-tmp")
+  parallel.sync_processes("synset-tmp")
   arrays = {"images": synset.images, "labels": synset.labels, "weights": synset.weights}
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(tmp, "arrays"), arrays)
@@ -214,12 +214,7 @@ def save_synthetic_set(path: str | os.PathLike, synset: SyntheticSet, *,
       shutil.rmtree(old, ignore_errors=True)
     else:
       os.replace(tmp, path)
-  _sync("synset-done")
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"wmdd_checkpoint:{name}")
+  parallel.sync_processes("synset-done")
 
 
 def load_synthetic_set(path: str | os.PathLike) -> SyntheticSet:

@@ -180,6 +180,13 @@ def replicate(tree: Any, mesh: Mesh, *, copy: bool = False) -> Any:
   return train_lib.replicate(mesh, tree, copy=copy)
 
 
+def sync_processes(name: str) -> None:
+  """With several processes: wait until every process reaches this point (e.g. so that a file
+  process 0 wrote is there for the others). A no-op with one process."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"wmdd:{name}")
+
+
 def shard_leading(tree: Any, mesh: Mesh) -> Any:
   """Splits every leaf of a pytree, identical on every process, along its leading axis.
 
@@ -478,5 +485,6 @@ __all__ = [
     "replicate",
     "replicated",
     "shard_leading",
+    "sync_processes",
     "to_process_local",
 ]

@@ -36,7 +36,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from wmdd_jax import barycenter as barycenter_lib
 from wmdd_jax import checkpoint, parallel, relabel, report, stats, synthesis
@@ -189,12 +188,6 @@ def _primary() -> bool:
   return jax.process_index() == 0
 
 
-def _sync(name: str) -> None:
-  """With several processes: wait until all reach this point (e.g. a file process 0 wrote)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"wmdd_pipeline:{name}")
-
-
 def _write_timings(path: str, timings: dict[str, float]) -> None:
   if _primary():
     report.write_json(path, timings)
@@ -206,7 +199,7 @@ def _save_npz(path: str, **arrays: Any) -> None:
     tmp = f"{path}.tmp-{os.getpid()}.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
-  _sync(os.path.basename(path))
+  parallel.sync_processes(os.path.basename(path))
 
 
 def _teacher(config, dataset, workdir, root, timings, log, mesh=None):
@@ -427,7 +420,7 @@ def _evaluate(config, dataset, teacher_model, teacher_vars, synset, workdir, roo
          "history": [dict(r._asdict()) for r in result.history]}
   if _primary():
     report.write_json(path, out)
-  _sync("eval.json")
+  parallel.sync_processes("eval.json")
   log(f"evaluation: student {student_name} test top-1 {out['test_top1']:.2f}% "
       f"(best {out['best_top1']:.2f}%)")
   return out

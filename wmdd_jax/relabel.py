@@ -541,12 +541,12 @@ class _UnitStudentStep:
                               epoch, step)
     models = units_lib.replicas((state.params, state.batch_stats), self.devices)
     batch = np.float32(len(idx))
-    outs = []
-    for g, (lo, hi) in enumerate(units_lib.bounds(len(idx), self.units)):
-      d = g % len(self.devices)
+
+    def one(g, d, lo, hi):
       part = jax.device_put((views[lo:hi], scale[lo:hi]), self.devices[d])
-      outs.append(self.unit(*models[d], self.teachers[d], *part, batch))
-    return self.apply(state, jax.device_put(outs, self.devices[0]))
+      return self.unit(*models[d], self.teachers[d], *part, batch)
+
+    return self.apply(state, units_lib.map_units(one, len(idx), self.units, self.devices))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -295,11 +295,10 @@ class _UnitStats:
 
   def __call__(self, acc, variables, images, labels, mask):
     del variables  # the per-device copies made at construction
-    parts = []
-    for g, (lo, hi) in enumerate(units_lib.bounds(len(labels), self.units)):
-      d = g % len(self.devices)
-      args = jax.device_put((images[lo:hi], labels[lo:hi], mask[lo:hi]), self.devices[d])
-      parts.append(self.step.forward(self.copies[d], *args))
+    parts = units_lib.map_units(
+        lambda g, d, lo, hi: self.step.forward(self.copies[d], *jax.device_put(
+            (images[lo:hi], labels[lo:hi], mask[lo:hi]), self.devices[d])),
+        len(labels), self.units, self.devices)
     moments, labels, mask, features = units_lib.gather_rows(parts, self.devices[0])
     return self.step.accumulate(acc, moments, labels, mask), features
 

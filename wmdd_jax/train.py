@@ -535,15 +535,15 @@ class _UnitTrainer:
 
   def __call__(self, state, images, labels):
     weights = units_lib.replicas((state.params, state.batch_stats), self.devices)
-    batch = np.float32(len(labels))
-    outs = []
-    for g, (lo, hi) in enumerate(units_lib.bounds(len(labels), self.units)):
-      d = g % len(self.devices)
-      args = jax.device_put((images[lo:hi], labels[lo:hi], np.int32(self.step), np.int32(g),
-                             batch), self.devices[d])
-      outs.append(self.unit(*weights[d], args[0], args[1], self.keys[d], *args[2:]))
+    batch, step = np.float32(len(labels)), np.int32(self.step)
+
+    def one(g, d, lo, hi):
+      rows = jax.device_put((images[lo:hi], labels[lo:hi]), self.devices[d])
+      return self.unit(*weights[d], *rows, self.keys[d], step, np.int32(g), batch)
+
+    outs = units_lib.map_units(one, len(labels), self.units, self.devices)
     self.step += 1
-    return self.apply(state, jax.device_put(outs, self.devices[0]))
+    return self.apply(state, outs)
 
 
 def _evaluate_units(variables, data, eval_step, batch_size, max_batches, devices, units):
@@ -556,11 +556,10 @@ def _evaluate_units(variables, data, eval_step, batch_size, max_batches, devices
   sums = None
   for images, labels in batches:
     images, labels = np.asarray(images), np.asarray(labels, np.int32)
-    outs = []
-    for g, (lo, hi) in enumerate(units_lib.bounds(len(labels), units)):
-      d = g % len(devices)
-      args = jax.device_put((images[lo:hi], labels[lo:hi], np.ones(hi - lo, bool)), devices[d])
-      outs.append(eval_step(copies[d], *args))
+    outs = units_lib.map_units(
+        lambda g, d, lo, hi, x=images, y=labels: eval_step(copies[d], *jax.device_put(
+            (x[lo:hi], y[lo:hi], np.ones(hi - lo, bool)), devices[d])),
+        len(labels), units, devices)
     if outs:
       batch = units_lib.ordered_sum(outs, devices[0])
       sums = batch if sums is None else units_lib.ordered_sum([sums, batch], devices[0])

@@ -26,7 +26,7 @@ untested here (no GPU). The price, paid only when asked for:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -63,6 +63,19 @@ def bounds(n: int, units: int) -> list[tuple[int, int]]:
   units = max(1, min(int(units), int(n)))
   edges = np.cumsum([0] + [n // units + (g < n % units) for g in range(units)])
   return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def map_units(call: Callable[[int, int, int, int], Any], n: int, units: int,
+              devices: Sequence[jax.Device]) -> list[Any]:
+  """Runs every unit of ``n`` rows and brings the results to the first device, in unit order.
+
+  ``call(g, d, lo, hi)`` runs unit ``g`` (rows ``[lo, hi)``, see :func:`bounds`) on
+  ``devices[d]``, ``d = g % len(devices)`` (it puts its inputs there; its per-device copies are
+  indexed by ``d``). The calls are dispatched before any result is read, so the devices work
+  concurrently. (Recover chunks and barycenter classes go to devices by the same ``% D`` rule.)
+  """
+  outs = [call(g, g % len(devices), lo, hi) for g, (lo, hi) in enumerate(bounds(n, units))]
+  return jax.device_put(outs, devices[0])
 
 
 def devices_of(mesh: Mesh | None) -> list[jax.Device]:
@@ -110,5 +123,5 @@ def unit_key(key: jax.Array, step: int, unit: int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(key, step), unit)
 
 
-__all__ = ["bounds", "check_units", "devices_of", "fold_sum", "gather_rows", "ordered_sum",
-           "replicas", "unit_key"]
+__all__ = ["bounds", "check_units", "devices_of", "fold_sum", "gather_rows", "map_units",
+           "ordered_sum", "replicas", "unit_key"]
