@@ -55,7 +55,7 @@ def _numpy_loss(variables, images, targets, opts):
 
 def test_loss_equals_numpy_reference(teacher):
   model, variables = teacher
-  opts = RecoverOptions(augment=False, r_feat=1.0, r_bn=3.0, r_ce=0.5)
+  opts = RecoverOptions(augment=False, r_feat=1.0, r_bn=3.0, r_ce=0.5, objective="per_class")
   targets, images = _targets(), _images()
   loss, aux = chunk_loss(images, variables, targets, jnp.arange(C), jax.random.key(0),
                          model=model, options=opts)
@@ -67,7 +67,7 @@ def test_loss_equals_numpy_reference(teacher):
 @pytest.mark.parametrize("per_image", [False, True])
 def test_vmapped_gradient_equals_per_class_loop(teacher, per_image):
   model, variables = teacher
-  opts = RecoverOptions(r_ce=0.1, per_image=per_image)
+  opts = RecoverOptions(r_ce=0.1, per_image=per_image, objective="per_class")
   targets, images = _targets(), _images()
   key = jax.random.key(5)
   grad = jax.grad(lambda x: chunk_loss(x, variables, targets, jnp.arange(C), key, model=model,
@@ -82,7 +82,7 @@ def test_vmapped_gradient_equals_per_class_loop(teacher, per_image):
 
 def test_changing_one_class_leaves_other_gradients_unchanged(teacher):
   model, variables = teacher
-  opts = RecoverOptions()
+  opts = RecoverOptions(objective="per_class")
   targets, images = _targets(), _images()
   g = lambda x: jax.grad(lambda x: chunk_loss(x, variables, targets, jnp.arange(C),
                                               jax.random.key(1), model=model,
@@ -126,7 +126,7 @@ def test_recover_lowers_feature_and_bn_terms_and_stays_valid(teacher):
 
 
 def test_chunking_does_not_change_the_result(teacher):
-  opts = RecoverOptions(iterations=4, steps_per_call=4, per_image=True)
+  opts = RecoverOptions(iterations=4, steps_per_call=4, per_image=True, objective="per_class")
   whole, _ = _run(teacher, opts)
   chunked, _ = _run(teacher, opts, class_chunk=2)  # chunks [0, 1] and [2, 2] (padded)
   np.testing.assert_allclose(whole, chunked, rtol=1e-5, atol=1e-5)

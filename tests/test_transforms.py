@@ -52,13 +52,14 @@ def test_jitter_range_and_identity(key, image):
     out = np.asarray(T.jitter(jax.random.fold_in(key, i), image, 1))
     match = [
         (dy, dx)
-        for dy in range(-1, 2)
-        for dx in range(-1, 2)
+        for dy in range(0, 2)
+        for dx in range(0, 2)
         if np.array_equal(out, np.roll(np.asarray(image), (dy, dx), axis=(0, 1)))
     ]
     assert len(match) == 1
     seen.add(match[0])
-  assert len(seen) == 9  # Both signs, inclusive ends.
+  # The official draw: random.randint(0, lim) on each axis, both ends included, never negative.
+  assert seen == {(0, 0), (0, 1), (1, 0), (1, 1)}
 
 
 def test_crop_and_resize_integer_window_equals_slicing(image):
@@ -197,12 +198,12 @@ def test_augment_batch_options(key, batch):
   out = T.augment_batch(key, batch, out_hw=(8, 6))  # Jitted itself.
   assert out.shape == (5, 8, 6, 2)
   # With the whole image as the crop and no flip, only the jitter is left: the batch is one
-  # circular shift of itself by at most 14 // 7 = 2 pixels (0 included).
+  # circular shift of itself by 0 to 14 // 7 = 2 pixels down and right (the official draw).
   rolled = np.asarray(T.augment_batch(key, batch, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False))
   shifts = [
       (dy, dx)
-      for dy in range(-2, 3)
-      for dx in range(-2, 3)
+      for dy in range(0, 3)
+      for dx in range(0, 3)
       if np.allclose(rolled, np.roll(np.asarray(batch), (dy, dx), axis=(1, 2)), atol=1e-6)
   ]
   assert len(shifts) == 1

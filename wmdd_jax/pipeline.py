@@ -38,14 +38,38 @@ import jax
 import numpy as np
 
 from wmdd_jax import barycenter as barycenter_lib
-from wmdd_jax import checkpoint, parallel, relabel, report, stats, synthesis
+from wmdd_jax import checkpoint, parallel, relabel, report, stats, store, synthesis
 from wmdd_jax import train as train_lib
 from wmdd_jax import units as units_lib
 from wmdd_jax.data import open_dataset
 from wmdd_jax.errors import ConfigError
 from wmdd_jax.models import get_model
+from wmdd_jax.models.base import running_statistics
 
-METHODS = ("wmdd", "sre2l", "random")
+# What each method means, in one place: the recover switches it sets where the config leaves
+# them unset (None). The four rows of the paper's Table 3, as the official code runs them:
+METHOD_SETTINGS: dict[str, dict[str, Any]] = {
+    # Wass+PCBN (WMDD): recover/data_synthesis_new.py --wb true --per-class-bn true; r_wb is
+    # r_ce (the objective's default, 1 under "official" as run.sh's R_WB=1).
+    "wmdd": dict(feature_target="barycenter", bn_stats="class", layout="class",
+                 first_bn_multiplier=1.0),
+    # CE+PCBN: data_synthesis_new.py --wb false: loss_main = CE (weight 1, r_wb unused).
+    "ce_pcbn": dict(feature_target="none", bn_stats="class", layout="class",
+                    first_bn_multiplier=1.0, r_ce=1.0),
+    # Wass+BN: recover/data_synthesis.py --wb true: ||F - B_j|| over one image of every class
+    # per batch, the teacher's running BN statistics, first-BN multiplier 10 (its default), no CE.
+    "wass_bn": dict(feature_target="barycenter", bn_stats="running", layout="slot",
+                    first_bn_multiplier=10.0, r_ce=0.0),
+    # CE+BN = SRe2L: data_synthesis.py --wb false: CE + running BN statistics, one image of
+    # every class per batch, first-BN multiplier 10.
+    "sre2l": dict(feature_target="none", bn_stats="running", layout="slot",
+                  first_bn_multiplier=10.0, r_ce=1.0),
+    # Random real images of each class (no recover).
+    "random": {},
+}
+METHODS = tuple(METHOD_SETTINGS)
+TABLE3_METHODS = ("wmdd", "ce_pcbn", "wass_bn", "sre2l")
+STORES = ("float", "jpeg")
 
 
 def default_config():
@@ -73,12 +97,20 @@ def default_config():
   })
   c.stats = ml_collections.ConfigDict({"batch_size": 256})
   c.barycenter = ml_collections.ConfigDict({"learn_weights": False})
+  placeholder = ml_collections.config_dict.placeholder
+  # Fields left None take the method's setting (METHOD_SETTINGS), then RecoverOptions' default
+  # (r_ce: 1 under objective "official", 0 under "per_class").
   c.recover = ml_collections.ConfigDict({
       "iterations": 2000, "lr": 0.25, "beta1": 0.5, "beta2": 0.9, "r_feat": 1.0,
-      "r_bn": 10.0, "r_ce": 0.0, "feature_target": "barycenter", "bn_stats": "class",
-      "augment": True, "per_image": False, "crop_scale": (0.08, 1.0),
+      "r_bn": 10.0, "r_ce": placeholder(float), "objective": "official",
+      "feature_target": placeholder(str), "bn_stats": placeholder(str),
+      "first_bn_multiplier": placeholder(float), "layout": placeholder(str),
+      "batch_size": 100, "augment": True, "per_image": False, "crop_scale": (0.08, 1.0),
       "jitter_fraction": 1.0 / 7.0, "init": "noise", "steps_per_call": 25,
       "class_chunk": 0, "checkpoint_every": 100,
+      # "jpeg": the set is stored as the official code hands it to the student (uint8 JPEG,
+      # quality 75, decoded back; wmdd_jax/store.py) and exported to DIR/syn_data.
+      "store": "float", "jpeg_quality": 75,
   })
   c.eval = ml_collections.ConfigDict({
       "model": "", "model_options": {}, "epochs": 300, "batch_size": 100, "lr": 1e-3,
@@ -161,15 +193,16 @@ def _dataclass_kwargs(cls: type, section: Any, **overrides: Any) -> dict[str, An
 
 
 def recover_options(config: Any) -> synthesis.RecoverOptions:
-  """RecoverOptions for ``config.method`` (the method fixes the ablation switches it implies)."""
+  """RecoverOptions for ``config.method``: its METHOD_SETTINGS fill the fields left unset."""
   method = config.method
-  overrides: dict[str, Any] = {}
-  if method == "sre2l":
-    # SRe2L: cross-entropy plus all-class BN statistics, no feature target.
-    r_ce = config.recover.get("r_ce", 0.0) or 1.0
-    overrides = dict(feature_target="none", bn_stats="global", r_ce=r_ce)
-  return synthesis.RecoverOptions(**_dataclass_kwargs(synthesis.RecoverOptions, config.recover,
-                                                      **overrides))
+  if method not in METHODS:
+    raise ConfigError(f"config.method={method!r} is not one of {METHODS}.")
+  kwargs = _dataclass_kwargs(synthesis.RecoverOptions, config.recover)
+  for name, value in METHOD_SETTINGS[method].items():
+    if kwargs.get(name) is None:
+      kwargs[name] = value
+  kwargs = {k: v for k, v in kwargs.items() if v is not None}
+  return synthesis.RecoverOptions(**kwargs)
 
 
 class _Timer:
@@ -349,13 +382,23 @@ def _synthesize(config, dataset, model, variables, workdir, root, timings, log, 
     weights = uniform
   else:
     options = recover_options(config)
-    st, feats = _statistics(config, dataset, model, variables, workdir, timings, log, mesh)
+    # The statistics pass (per-class BN statistics and features) only when a term needs it:
+    # SRe2L's running statistics come from the teacher itself.
+    if options.feature_target == "barycenter" or options.bn_stats in ("class", "global"):
+      st, feats = _statistics(config, dataset, model, variables, workdir, timings, log, mesh)
+    else:
+      st = stats.ClassStatistics((), (), (), (), np.zeros((c,), np.int64))
     if options.feature_target == "barycenter":
       bary = _barycenters(config, feats, c, ipc, root, workdir, timings, log, mesh)
       support, weights = bary.support, bary.weights
     else:
       support, weights = np.zeros((c, ipc, 1), np.float32), uniform
-    targets = synthesis.RecoverTargets(support, st.mean, st.var, st.global_mean, st.global_var)
+    running_mean, running_var = (), ()
+    if options.bn_stats == "running":
+      running_mean, running_var = jax.tree.map(
+          np.asarray, running_statistics(model, variables, tuple(dataset.image_shape)))
+    targets = synthesis.RecoverTargets(support, st.mean, st.var, st.global_mean, st.global_var,
+                                       running_mean, running_var)
     initial = None
     if options.init == "real":
       initial = _random_real(dataset, _split(config, "train"), ipc,
@@ -380,10 +423,25 @@ def _synthesize(config, dataset, model, variables, workdir, root, timings, log, 
                    and before[k].shape == v.shape else v for k, v in history.items()}
     _save_npz(history_path, **history)
     log(f"recover: {options.iterations} steps, final loss {history['loss'][-1]:.4g}")
+    if config.recover.get("store", "float") == "jpeg":
+      # As the official pipeline hands the set to the student: uint8 JPEG, decoded back.
+      with _Timer(timings, "store"):
+        images, jpegs = store.jpeg_roundtrip(
+            np.asarray(images), dataset.mean, dataset.std,
+            quality=int(config.recover.get("jpeg_quality", 75)))
+        if _primary() and c <= 1000:  # the official folder layout names classes with 3 digits
+          store.write_image_folder(os.path.join(workdir, "syn_data"), jpegs,
+                                   class_ids=range(c), class_names=dataset.class_names,
+                                   weights=weights, overwrite=True)
+        parallel.sync_processes("syn_data")
+      log(f"synthetic set: stored as JPEG quality {config.recover.get('jpeg_quality', 75)} "
+          f"({os.path.join(workdir, 'syn_data')})")
   synset = checkpoint.SyntheticSet(
       images, np.repeat(np.arange(c), ipc).reshape(c, ipc), weights, dataset.class_names,
       dataset.mean, dataset.std, {"method": method, "ipc": ipc, "seed": int(config.seed),
-                                  "dataset": config.dataset.spec})
+                                  "dataset": config.dataset.spec,
+                                  "objective": config.recover.get("objective", "official"),
+                                  "store": config.recover.get("store", "float")})
   checkpoint.save_synthetic_set(synset_path, synset)
   return synset, history
 
@@ -406,8 +464,8 @@ def _evaluate(config, dataset, teacher_model, teacher_vars, synset, workdir, roo
                                                        progress=_primary() and bool(
                                                            ev.get("progress", True))))
   images, _, weights = synset.flat()
-  if not config.eval.get("use_weights", True) or config.method != "wmdd":
-    weights = np.ones_like(weights)
+  if not config.eval.get("use_weights", True) or config.method not in ("wmdd", "wass_bn"):
+    weights = np.ones_like(weights)  # only barycenter methods have weights
   with _Timer(timings, "evaluate"):
     result = relabel.train_student(
         student, teacher_model, teacher_vars, images, weights,
@@ -447,6 +505,10 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
     config = debug_config(config)
   if config.method not in METHODS:
     raise ConfigError(f"config.method={config.method!r} is not one of {METHODS}.")
+  if config.recover.get("store", "float") not in STORES:
+    raise ConfigError(f"config.recover.store={config.recover.store!r} is not one of {STORES}.")
+  if config.method != "random":
+    recover_options(config)  # a bad recover option fails here, before any stage runs
   if not _primary():
     log = lambda *args, **kwargs: None  # noqa: E731 - one progress log, from process 0
   mesh = device_mesh(config)
@@ -522,5 +584,6 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
   return metrics
 
 
-__all__ = ["MESH_MODES", "METHODS", "default_config", "device_mesh", "recover_options", "run",
+__all__ = ["MESH_MODES", "METHODS", "METHOD_SETTINGS", "STORES", "TABLE3_METHODS",
+           "default_config", "device_mesh", "recover_options", "run",
            "stage_key", "work_units"]

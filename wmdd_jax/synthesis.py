@@ -1,29 +1,61 @@
 """Stage 4 (recover): optimise synthetic images towards barycenter features and BN statistics.
 
-For class c with synthetic images X_c: f32[k, H, W, ch] (normalised space), barycenter support
-B_c: f32[k, d] and real per-class BN-input statistics (mu[c, l], var[c, l]):
+Notation: a chunk of n classes optimised together, k = IPC images per class, X_c: f32[k, H, W,
+ch] (normalised space), F_c = f_e(aug(X_c)): f32[k, d] penultimate features, B_c: f32[k, d]
+barycenter support (image j of class c is tied to point j), mu_l / var_l the biased per-channel
+moments of BN layer l's input, m_l the layer multiplier (``first_bn_multiplier`` for the first BN
+layer in forward order, 1 for the others). Norms are not squared (as in the paper).
 
-    L_c = r_feat * ||f_e(aug(X_c)) - B_c||_F
-        + r_bn   * sum_l (||mu_l(aug(X_c)) - mu[c, l]||_2 + ||var_l(aug(X_c)) - var[c, l]||_2)
-        + r_ce   * mean_j CE(f(aug(X_cj)), c)
+``objective="official"`` (the default) is the loss of the official code's step
+(recover/data_synthesis_new.py + recover/utils.py ``BNFeatureHook_new``, run by run.sh with
+R_WB=1), over the whole chunk at once::
 
-Image j of class c is tied to barycenter point j. The norms are not squared (as in the paper).
-With the teacher in eval mode every image's forward pass is independent, so one forward pass of
-all C*k images followed by a ``jax.vmap`` over classes of the per-class loss gives exactly the
-per-class losses and gradients: classes never interact, and any chunk of classes can be
-optimised together. The SRe2L-style ablation (``bn_stats="global"``) matches the statistics of
-the whole chunk to the all-class statistics instead, as SRe2L's mixed-class batches do.
+    L = r_ce * mean_{c, j} CE(f(aug(X_cj)), c)
+      + r_feat * || F_chunk - B_chunk ||_F                          (ONE norm over the chunk)
+      + r_bn * sum_l m_l * mean_c (||var_l(aug(X_c)) - var[c, l]||_2
+                                   + ||mu_l(aug(X_c)) - mu[c, l]||_2)
+
+with n = min(batch_size // k, C) classes per chunk (official ``--batch-size 100``) unless
+``class_chunk`` says otherwise; the official r_wb is ``r_ce`` (default 1 under this objective)
+and r_feat = 1.
+
+``objective="per_class"`` makes every class an independent problem (summed over the chunk)::
+
+    L_c = r_feat * ||F_c - B_c||_F
+        + r_bn * sum_l m_l * (||mu_l(aug(X_c)) - mu[c, l]||_2 + ||var_l(aug(X_c)) - var[c, l]||_2)
+        + r_ce * mean_j CE(f(aug(X_cj)), c)
+
+Relation: with a_c = ||F - B||_F / ||F_c - B_c||_F (about sqrt(n) when classes are alike), the
+official gradient with respect to class c's images is
+
+    dL / dX_c = (1 / a_c) * d/dX_c [ ||F_c - B_c||_F + (r_bn a_c / n) BN_c + (r_ce a_c / n) CE_c ]
+
+i.e. the per-class form with r_bn_eff = r_bn a_c / n ~ r_bn / sqrt(n) and r_ce_eff = r_ce a_c / n
+~ r_ce / sqrt(n), times a per-class step scale 1 / a_c that Adam largely normalises away. The two
+agree exactly when a chunk holds one class (n = 1, a_c = 1).
+
+BN statistics (``bn_stats``): "class" (per-class real statistics, PCBN: WMDD), "running" (the
+teacher's running statistics matched by the statistics of the whole chunk, as SRe2L and the
+official data_synthesis.py ablations do), "global" (all-class statistics computed from the data,
+matched by the whole chunk; our variant of "running"), or "none". With "running"/"global" the
+chunk-wide term is the same in both objectives.
+
+Layout: "class" optimises whole classes (k images each) per chunk; "slot" is the official
+data_synthesis.py loop (SRe2L, and WMDD's Wass+BN / CE+BN rows): IPC separate rounds, round j
+optimising image j of every class, ``min(batch_size, C)`` classes (one image each) per batch.
 
 Randomness is a pure function of (key, step, class id): initial noise uses
 ``fold_in(init_key, class_id)``, augmentation ``fold_in(key, step)`` (shared by every image, the
-official default) or ``fold_in(fold_in(key, step), class_id)`` per class when ``per_image``. So
-results do not depend on how classes are chunked, and a resumed run is bit-identical.
+official default) or ``fold_in(fold_in(key, step), class_id)`` per class when ``per_image``.
+Under ``per_class`` results do not depend on how classes are chunked; a resumed run is
+bit-identical under both objectives. Chunks whose last part is short are padded by repeating the
+last class; the repeats are masked out of every term, so they change nothing.
 
 Several devices (``mesh=``, see :mod:`wmdd_jax.parallel`): each chunk's class axis is split over
-the mesh (images, Adam moments, targets and class ids), the teacher is replicated, and every
-device optimises its own classes; chunks are padded to a multiple of the device count. The chunk
-can be chosen from a per-device memory budget (:func:`choose_class_chunk`), measured on the
-compiled step rather than guessed.
+the mesh (images, Adam moments, targets and class ids), the teacher is replicated, and the
+chunk-wide sums of the official loss are reduced across devices by XLA; chunks are padded to a
+multiple of the device count. Under ``per_class`` the chunk can be chosen from a per-device
+memory budget (:func:`choose_class_chunk`), measured on the compiled step rather than guessed.
 """
 
 from __future__ import annotations
@@ -48,8 +80,10 @@ from wmdd_jax.errors import ConfigError, NonFiniteError, ShapeError
 from wmdd_jax.models.base import apply_model, pool_moments
 
 FEATURE_TARGETS = ("barycenter", "none")
-BN_MODES = ("class", "global", "none")
+BN_MODES = ("class", "running", "global", "none")
 INITS = ("noise", "real")
+OBJECTIVES = ("official", "per_class")
+LAYOUTS = ("class", "slot")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,22 +91,33 @@ class RecoverOptions:
   """Hyperparameters of the recover stage (DESIGN section 1 defaults).
 
   Attributes:
-    iterations: optimisation steps per class.
+    iterations: optimisation steps per chunk.
     lr: Adam learning rate, cosine-decayed to 0 over ``iterations`` without warm-up.
     beta1, beta2: Adam betas.
-    r_feat, r_bn, r_ce: coefficients of the feature, BN and cross-entropy terms.
+    r_feat, r_bn: coefficients of the feature and BN terms.
+    r_ce: coefficient of the cross-entropy term (the official r_wb). None: 1.0 under
+      ``objective="official"`` (run.sh passes R_WB=1), 0.0 under ``"per_class"``.
+    objective: "official" (the official chunk loss, see the module docstring; the default, as
+      this library reproduces the method as its authors ran it) or "per_class" (independent
+      classes).
     feature_target: "barycenter" (WMDD) or "none" (no feature term).
-    bn_stats: "class" (per-class statistics, WMDD), "global" (all-class statistics on the whole
-      chunk, SRe2L) or "none".
+    bn_stats: "class", "running", "global" or "none" (module docstring).
+    first_bn_multiplier: weight of the first BN layer's term (official: 1 in
+      data_synthesis_new.py, 10 in data_synthesis.py).
+    layout: "class" (whole classes per chunk) or "slot" (the official data_synthesis.py loop:
+      one image of every class per batch, IPC rounds).
+    batch_size: images per step that set the default chunk (official ``--batch-size 100``):
+      n = min(batch_size // ipc, C) classes under "official"/"class", min(batch_size, C) under
+      "slot"; ignored by "per_class"/"class" (all classes at once) and when ``class_chunk`` is
+      given to :func:`recover`.
     augment: random-resized-crop + flip + jitter each step.
     per_image: one augmentation draw per image instead of one per step for the whole batch.
     crop_scale: random-resized-crop scale range.
-    jitter_fraction: maximum circular shift as a fraction of the image side (official: 1/7).
+    jitter_fraction: maximum circular shift as a fraction of the image side (official: 32 px at
+      224, 1/7), drawn in [0, max] as the official code does.
     init: "noise" (N(0, 1) in normalised space) or "real" (images given by the caller).
     steps_per_call: steps run between host syncs (progress, NaN checks, checkpoints).
-    scan: fuse each block of steps into one ``lax.scan``. Off by default: on the 2-core CPU the
-      ResNet-18 step ran about 2.5x slower inside a scan than as separate jitted calls (XLA's
-      while-loop body loses optimisations); separate calls dispatch asynchronously anyway.
+    scan: fuse each block of steps into one ``lax.scan`` (slower on CPU, see bench/step.py).
   """
 
   iterations: int = 2000
@@ -81,9 +126,13 @@ class RecoverOptions:
   beta2: float = 0.9
   r_feat: float = 1.0
   r_bn: float = 10.0
-  r_ce: float = 0.0
+  r_ce: float | None = None
+  objective: str = "official"
   feature_target: str = "barycenter"
   bn_stats: str = "class"
+  first_bn_multiplier: float = 1.0
+  layout: str = "class"
+  batch_size: int = 100
   augment: bool = True
   per_image: bool = False
   crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -95,12 +144,35 @@ class RecoverOptions:
   def __post_init__(self):
     for name, value, allowed in (("feature_target", self.feature_target, FEATURE_TARGETS),
                                  ("bn_stats", self.bn_stats, BN_MODES),
-                                 ("init", self.init, INITS)):
+                                 ("init", self.init, INITS),
+                                 ("objective", self.objective, OBJECTIVES),
+                                 ("layout", self.layout, LAYOUTS)):
       if value not in allowed:
         raise ConfigError(f"recover option {name}={value!r} is not one of {allowed}.")
-    if self.iterations < 1 or self.steps_per_call < 1:
-      raise ConfigError("recover iterations and steps_per_call must be >= 1; got "
-                        f"{self.iterations} and {self.steps_per_call}.")
+    if self.r_ce is None:
+      object.__setattr__(self, "r_ce", 1.0 if self.objective == "official" else 0.0)
+    if self.iterations < 1 or self.steps_per_call < 1 or self.batch_size < 1:
+      raise ConfigError("recover iterations, steps_per_call and batch_size must be >= 1; got "
+                        f"{self.iterations}, {self.steps_per_call} and {self.batch_size}.")
+    if not self.lr > 0:
+      raise ConfigError(f"recover lr={self.lr} must be > 0 (the official default is 0.25).")
+    for name in ("r_feat", "r_bn", "r_ce", "first_bn_multiplier"):
+      if not getattr(self, name) >= 0:
+        raise ConfigError(f"recover {name}={getattr(self, name)} must be >= 0 (0 turns the "
+                          "term off).")
+    lo, hi = (tuple(self.crop_scale) + (None, None))[:2]
+    if len(tuple(self.crop_scale)) != 2 or not 0 < lo <= hi <= 1:
+      raise ConfigError(f"recover crop_scale={self.crop_scale} must be (lo, hi) with "
+                        "0 < lo <= hi <= 1, e.g. (0.08, 1.0).")
+
+  def default_chunk(self, ipc: int, num_classes: int) -> int:
+    """Classes per chunk when :func:`recover` is given no ``class_chunk`` (see batch_size)."""
+    if self.layout == "slot":
+      return min(self.batch_size, num_classes)
+    if self.objective == "official":
+      # The official code asserts batch_size // ipc >= 1; one class per step is the nearest.
+      return max(1, min(self.batch_size // ipc, num_classes))
+    return num_classes
 
 
 class RecoverTargets(NamedTuple):
@@ -110,8 +182,11 @@ class RecoverTargets(NamedTuple):
     features: f32[C, k, d] barycenter support points (ignored when feature_target="none").
     bn_mean: tuple over BN layers of f32[C, ch_l], per-class real statistics.
     bn_var: tuple over BN layers of f32[C, ch_l].
-    global_mean: tuple over BN layers of f32[ch_l], all-class statistics.
+    global_mean: tuple over BN layers of f32[ch_l], all-class statistics from the data.
     global_var: tuple over BN layers of f32[ch_l].
+    running_mean: tuple over BN layers of f32[ch_l], the teacher's BN running statistics
+      (:func:`wmdd_jax.models.base.running_statistics`); needed by ``bn_stats="running"``.
+    running_var: tuple over BN layers of f32[ch_l].
   """
 
   features: jax.Array
@@ -119,6 +194,8 @@ class RecoverTargets(NamedTuple):
   bn_var: tuple[jax.Array, ...]
   global_mean: tuple[jax.Array, ...]
   global_var: tuple[jax.Array, ...]
+  running_mean: tuple[jax.Array, ...] = ()
+  running_var: tuple[jax.Array, ...] = ()
 
   def take(self, class_ids: np.ndarray) -> RecoverTargets:
     """The targets of a chunk of classes."""
@@ -175,28 +252,17 @@ def _augment(key, images, class_ids, options: RecoverOptions):
   return jax.vmap(per_class)(class_ids, images)
 
 
-def _class_terms(features, logits, bn_mean, bn_var, target_features, target_mean, target_var,
-                 class_id, options: RecoverOptions):
-  """Per-class loss terms for ONE class (vmapped over classes).
+def first_occurrences(class_ids: jax.Array) -> jax.Array:
+  """bool[C]: True where a class id is not a padding repeat of the previous one."""
+  return jnp.concatenate([jnp.ones((1,), bool), class_ids[1:] != class_ids[:-1]])
 
-  Args:
-    features: f32[k, d]; logits: f32[k, C_total]; bn_mean, bn_var: tuples of f32[k, ch_l]
-      per-sample moments; target_features: f32[k, d]; target_mean/var: tuples of f32[ch_l].
-  """
-  zero = jnp.zeros((), jnp.float32)
-  feat = zero
-  if options.feature_target == "barycenter":
-    feat = jnp.sqrt(jnp.sum(jnp.square(features - target_features)))
-  bn = zero
-  if options.bn_stats == "class":
-    for m, v, tm, tv in zip(bn_mean, bn_var, target_mean, target_var):
-      mu, var = pool_moments(m, v, axis=0)
-      bn = bn + jnp.linalg.norm(mu - tm) + jnp.linalg.norm(var - tv)
-  ce = zero
-  if options.r_ce:
-    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        logits, jnp.broadcast_to(class_id, logits.shape[:1])))
-  return {"feature": feat, "bn": bn, "ce": ce}
+
+def _bn_distance(mean, var, target_mean, target_var, multipliers):
+  """sum_l m_l (||mean_l - target_mean_l||_2 + ||var_l - target_var_l||_2)."""
+  total = jnp.zeros((), jnp.float32)
+  for mu, v, tm, tv, m in zip(mean, var, target_mean, target_var, multipliers):
+    total = total + m * (jnp.linalg.norm(mu - tm) + jnp.linalg.norm(v - tv))
+  return total
 
 
 def chunk_loss(
@@ -209,43 +275,83 @@ def chunk_loss(
     model: nn.Module,
     options: RecoverOptions,
 ):
-  """Loss of a chunk of classes.
+  """Loss of a chunk of classes (``options.objective``, see the module docstring).
 
   Args:
     images: f32[C, k, H, W, ch] synthetic images (normalised).
     variables: the teacher's variables.
     targets: the chunk's targets (``RecoverTargets.take``).
-    class_ids: i32[C] the chunk's class indices (for CE labels and per-class keys).
+    class_ids: i32[C] the chunk's class indices (CE labels, per-class keys; a repeat of the
+      previous id marks a padding class, masked out of every term).
     key: this step's augmentation key.
     model: the teacher module.
     options: RecoverOptions.
 
   Returns:
-    (total loss f32[], aux) with aux = {"class_loss": f32[C], "feature": f32[C], "bn": f32[C],
-    "ce": f32[C]} (the global BN term, when used, is spread evenly over the chunk's classes).
+    (total loss f32[], aux) with aux = {"loss": the total, "class_loss": f32[C] the per-class
+    form's loss of each class, and the unweighted per-class terms "feature" (||F_c - B_c||_F),
+    "bn" and "ce": f32[C]} (a chunk-wide BN term is spread evenly over the chunk's classes;
+    padding classes are 0).
   """
   c, k = images.shape[:2]
   x = _augment(key, images, class_ids, options)
   out = apply_model(model, variables, x.reshape(c * k, *x.shape[2:]), train=False)
   split = lambda a: a.reshape(c, k, *a.shape[1:])
-  terms = jax.vmap(
-      lambda f, lg, bm, bv, tf, tm, tv, cid: _class_terms(f, lg, bm, bv, tf, tm, tv, cid, options)
-  )(split(out.features), split(out.logits), tuple(map(split, out.bn_mean)),
-    tuple(map(split, out.bn_var)), targets.features, targets.bn_mean, targets.bn_var, class_ids)
-  if options.bn_stats == "global":
-    # Chunks are padded by repeating their last class (one compiled shape, an even split over
-    # devices); the repeats must not weigh in the chunk-wide statistics.
-    real = jnp.concatenate([jnp.ones((1,), bool), class_ids[1:] != class_ids[:-1]])
-    w = jnp.repeat(real.astype(jnp.float32), k)[:, None] / (jnp.sum(real) * k)
-    bn = jnp.zeros((), jnp.float32)
-    for m, v, tm, tv in zip(out.bn_mean, out.bn_var, targets.global_mean, targets.global_var):
+  real = first_occurrences(class_ids).astype(jnp.float32)
+  num_real = jnp.sum(real)
+  layers = len(out.bn_mean)
+  multipliers = [options.first_bn_multiplier] + [1.0] * (layers - 1)
+  zeros = jnp.zeros((c,), jnp.float32)
+
+  feat_sq = zeros
+  if options.feature_target == "barycenter":
+    feat_sq = jnp.sum(jnp.square(split(out.features) - targets.features), axis=(1, 2))
+  feature = jnp.sqrt(feat_sq)
+  ce = zeros
+  if options.r_ce:
+    logits = split(out.logits)
+    labels = jnp.broadcast_to(class_ids[:, None], (c, k))
+    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), axis=1)
+
+  bn = zeros
+  bn_total = jnp.zeros((), jnp.float32)
+  if options.bn_stats == "class":
+    def per_class(m, v, tm, tv):
+      pooled = [pool_moments(a, b, axis=0) for a, b in zip(m, v)]
+      return _bn_distance([p[0] for p in pooled], [p[1] for p in pooled], tm, tv, multipliers)
+    bn = real * jax.vmap(per_class)(tuple(map(split, out.bn_mean)),
+                                    tuple(map(split, out.bn_var)), targets.bn_mean,
+                                    targets.bn_var)
+    # Official: the mean over the chunk's classes; per-class: their sum.
+    bn_total = jnp.sum(bn) / num_real if options.objective == "official" else jnp.sum(bn)
+  elif options.bn_stats in ("running", "global"):
+    if options.bn_stats == "running":
+      if not targets.running_mean:
+        raise ConfigError("bn_stats='running' needs RecoverTargets.running_mean/var (the "
+                          "teacher's BN running statistics: models.base.running_statistics).")
+      tmean, tvar = targets.running_mean, targets.running_var
+    else:
+      tmean, tvar = targets.global_mean, targets.global_var
+    # The moments of every real image of the chunk pooled together (weights drop padding).
+    w = jnp.repeat(real, k)[:, None] / (num_real * k)
+    mus, vs = [], []
+    for m, v in zip(out.bn_mean, out.bn_var):
       mu = jnp.sum(w * m, axis=0)
-      var = jnp.sum(w * (v + jnp.square(m - mu)), axis=0)
-      bn = bn + jnp.linalg.norm(mu - tm) + jnp.linalg.norm(var - tv)
-    terms["bn"] = jnp.where(real, bn / jnp.sum(real), 0.0)
-  per_class = (options.r_feat * terms["feature"] + options.r_bn * terms["bn"]
-               + options.r_ce * terms["ce"])
-  return jnp.sum(per_class), dict(terms, class_loss=per_class)
+      mus.append(mu)
+      vs.append(jnp.sum(w * (v + jnp.square(m - mu)), axis=0))
+    bn_total = _bn_distance(mus, vs, tmean, tvar, multipliers)
+    bn = real * bn_total / num_real
+
+  feature = real * feature
+  ce = real * ce
+  class_loss = options.r_feat * feature + options.r_bn * bn + options.r_ce * ce
+  if options.objective == "official":
+    total = (options.r_feat * jnp.sqrt(jnp.sum(real * feat_sq)) + options.r_bn * bn_total
+             + options.r_ce * jnp.sum(ce) / num_real)
+  else:
+    total = (jnp.sum(options.r_feat * feature + options.r_ce * ce) + options.r_bn * bn_total)
+  return total, {"loss": total, "class_loss": class_loss, "feature": feature, "bn": bn,
+                 "ce": ce}
 
 
 def clip_to_valid(images: jax.Array, mean: Any, std: Any) -> jax.Array:
@@ -258,9 +364,9 @@ def make_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: An
   """Builds ``run(state, variables, targets, class_ids, key, num_steps)``.
 
   ``run`` performs ``num_steps`` Adam steps (jitted, donating ``state``; one ``lax.scan`` when
-  ``options.scan``), and returns the new state and per-step metrics {"loss": f32[n],
-  "class_loss": f32[n, C], "feature": f32[n], "bn": f32[n], "ce": f32[n]} (unweighted terms and
-  the weighted loss, each averaged over the chunk's classes), plus the unweighted terms per
+  ``options.scan``), and returns the new state and per-step metrics {"loss": f32[n] the chunk's
+  total loss, "class_loss": f32[n, C], "feature": f32[n], "bn": f32[n], "ce": f32[n]} (the
+  unweighted terms averaged over the chunk's real classes), plus the unweighted terms per
   class, "class_feature", "class_bn", "class_ce": f32[n, C]. ``run.step`` is the jitted single
   step ``(state, variables, targets, class_ids, key) -> (state, metrics)``.
 
@@ -280,9 +386,11 @@ def make_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: An
                          options=options)
     updates, opt_state = tx.update(grads, state.opt_state, state.images)
     images = transforms.clip_to_valid(optax.apply_updates(state.images, updates), mean, std)
-    metrics = {"loss": jnp.mean(aux["class_loss"]), "class_loss": aux["class_loss"],
-               "feature": jnp.mean(aux["feature"]), "bn": jnp.mean(aux["bn"]),
-               "ce": jnp.mean(aux["ce"]), "class_feature": aux["feature"],
+    real = first_occurrences(class_ids).astype(jnp.float32)
+    mean_real = lambda a: jnp.sum(a) / jnp.sum(real)  # padding classes are 0 in aux
+    metrics = {"loss": aux["loss"], "class_loss": aux["class_loss"],
+               "feature": mean_real(aux["feature"]), "bn": mean_real(aux["bn"]),
+               "ce": mean_real(aux["ce"]), "class_feature": aux["feature"],
                "class_bn": aux["bn"], "class_ce": aux["ce"]}
     new = RecoverState(images, opt_state, state.step + 1)
     if mesh is not None:
@@ -334,15 +442,26 @@ def _shared_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std:
 
 
 def check_finite(metrics: dict[str, np.ndarray], class_ids: np.ndarray, first_step: int):
-  """Raises NonFiniteError naming the first class and step whose loss is NaN/Inf."""
+  """Raises NonFiniteError naming the first class and step whose loss is NaN/Inf.
+
+  A class's own terms name it; a chunk-wide total that is not finite while every class's terms
+  are (possible under the official objective) names the chunk's classes.
+  """
   losses = np.asarray(metrics["class_loss"])
+  totals = np.asarray(metrics["loss"])
+  hint = ("Lower recover.lr or the loss coefficients (r_bn), or check the teacher and "
+          "statistics for NaN.")
   bad = ~np.isfinite(losses)
-  if bad.any():
+  bad_total = ~np.isfinite(totals)
+  if bad.any() and (not bad_total.any() or np.argwhere(bad)[0][0] <= np.argmax(bad_total)):
     s, c = np.argwhere(bad)[0]
-    raise NonFiniteError(
-        f"recover loss became {losses[s, c]} for class {int(class_ids[c])} at step "
-        f"{first_step + int(s)}. Lower recover.lr or the loss coefficients (r_bn), or check the "
-        "teacher and statistics for NaN.")
+    raise NonFiniteError(f"recover loss became {losses[s, c]} for class {int(class_ids[c])} at "
+                         f"step {first_step + int(s)}. {hint}")
+  if bad_total.any():
+    s = int(np.argmax(bad_total))
+    ids = sorted({int(i) for i in np.asarray(class_ids)})
+    raise NonFiniteError(f"recover loss became {totals[s]} for the chunk of classes {ids} at "
+                         f"step {first_step + s}. {hint}")
 
 
 def recover(
@@ -375,7 +494,8 @@ def recover(
     mean, std: per-channel normalisation constants (pixel scale), for clipping.
     options: RecoverOptions.
     key: the recover stage's key; split into "init" and "augment" by name (fold_in).
-    class_chunk: classes optimised together; 0 = all at once.
+    class_chunk: classes optimised together; 0 = ``options.default_chunk(ipc, C)`` (the
+      official n = min(batch_size // ipc, C) under "official", all classes under "per_class").
     initial_images: f32[C, k, H, W, ch] normalised, required when options.init == "real".
     resume: ``resume(chunk_index, fresh_state) -> RecoverState | None``: a saved state to
       continue from (``fresh_state`` gives the structure to restore into), or None.
@@ -412,10 +532,26 @@ def recover(
   if options.init == "real" and initial_images is None:
     raise ConfigError("recover init='real' needs initial_images (random real images per class).")
   units = units_lib.check_units(units)
-  chunk = class_chunk or num_classes
+  if class_chunk < 0:
+    raise ConfigError(f"recover class_chunk={class_chunk} must be >= 0 (0: the objective's "
+                      "default, see RecoverOptions.batch_size).")
+  if memory_budget_bytes and (options.objective == "official" or options.layout == "slot"):
+    raise ConfigError(
+        "memory_budget_bytes sizes the class chunk, which the official objective and the slot "
+        "layout fix (it is part of the loss); set class_chunk / recover.batch_size instead, or "
+        "use objective='per_class'.")
+  if options.layout == "slot":
+    return _recover_slots(model, variables, targets, ipc=ipc, image_shape=image_shape,
+                          mean=mean, std=std, options=options, key=key,
+                          class_chunk=class_chunk, initial_images=initial_images,
+                          resume=resume, on_block=on_block, progress=progress, mesh=mesh,
+                          units=units)
+  chunk = class_chunk or options.default_chunk(ipc, num_classes)
   devices = [None]
   if units:
-    chunk = min(chunk, -(-num_classes // units))
+    if options.objective == "per_class" and options.bn_stats not in ("running", "global"):
+      # Classes are independent: any chunking gives the same result, so one chunk per unit.
+      chunk = min(chunk, -(-num_classes // units))
     devices = units_lib.devices_of(mesh)
     mesh = None  # every chunk is a single-device program
   init_key = jax.random.fold_in(key, 0)
@@ -488,11 +624,6 @@ def recover(
         metrics = jax.device_get(metrics)
         n = len(metrics["loss"])
         check_finite(metrics, class_ids, done)
-        real = parallel.first_occurrences(class_ids)
-        if not real.all():
-          # The history averages over the chunk's real classes, not its padding repeats.
-          for k in names:
-            metrics[k] = metrics["class_loss" if k == "loss" else f"class_{k}"][:, real].mean(1)
         for k in names:
           history[k][index, done:done + n] = metrics[k]
         live[index][3] = done + n
@@ -506,6 +637,42 @@ def recover(
   bar.close()
   with np.errstate(all="ignore"):
     return images_out, {k: np.nanmean(v, axis=0) for k, v in history.items()}
+
+
+def _recover_slots(model, variables, targets: RecoverTargets, *, ipc, image_shape, mean, std,
+                   options: RecoverOptions, key, class_chunk, initial_images, resume, on_block,
+                   progress, mesh, units):
+  """The official data_synthesis.py loop (``layout="slot"``): IPC rounds of one image per class.
+
+  Round j optimises image j of every class (barycenter point j), ``class_chunk`` (default
+  ``min(batch_size, C)``) classes per batch, from a fresh Adam state and its own key
+  ``fold_in(fold_in(key, 2), j)``. Chunk indices seen by ``resume``/``on_block`` are
+  ``j * C + chunk``, so each round checkpoints separately.
+  """
+  num_classes = int(np.shape(targets.bn_mean[0])[0]) if targets.bn_mean else int(
+      np.shape(targets.features)[0])
+  inner = dataclasses.replace(options, layout="class")
+  chunk = class_chunk or options.default_chunk(ipc, num_classes)
+  features = np.asarray(targets.features)
+  slot_key = jax.random.fold_in(key, 2)
+  images = np.zeros((num_classes, ipc, *image_shape), np.float32)
+  histories = []
+  for j in range(ipc):
+    offset = j * num_classes
+    slot_targets = targets._replace(features=features[:, j:j + 1])
+    initial = None if initial_images is None else np.asarray(initial_images)[:, j:j + 1]
+    out, history = recover(
+        model, variables, slot_targets, ipc=1, image_shape=image_shape, mean=mean, std=std,
+        options=inner, key=jax.random.fold_in(slot_key, j), class_chunk=chunk,
+        initial_images=initial,
+        resume=None if resume is None else (lambda i, st, o=offset: resume(o + i, st)),
+        on_block=None if on_block is None else (lambda i, st, m, o=offset: on_block(o + i, st, m)),
+        progress=progress, mesh=mesh, units=units)
+    images[:, j] = out[:, 0]
+    histories.append(history)
+  with np.errstate(all="ignore"):
+    return images, {k: np.nanmean(np.stack([h[k] for h in histories]), axis=0)
+                    for k in histories[0]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,7 +729,9 @@ def shard_chunk(
       bn_mean=jax.device_put(tuple(m[class_ids] for m in host.bn_mean), split),
       bn_var=jax.device_put(tuple(v[class_ids] for v in host.bn_var), split),
       global_mean=parallel.replicate(host.global_mean, mesh),
-      global_var=parallel.replicate(host.global_var, mesh))
+      global_var=parallel.replicate(host.global_var, mesh),
+      running_mean=parallel.replicate(host.running_mean, mesh),
+      running_var=parallel.replicate(host.running_var, mesh))
   return state, chunk_targets, ids
 
 
@@ -696,7 +865,11 @@ def lower_recover_step(
       global_mean=parallel.abstract(tuple(f32(*np.shape(x)) for x in targets.global_mean),
                                     lambda _: rep),
       global_var=parallel.abstract(tuple(f32(*np.shape(x)) for x in targets.global_var),
-                                   lambda _: rep))
+                                   lambda _: rep),
+      running_mean=parallel.abstract(tuple(f32(*np.shape(x)) for x in targets.running_mean),
+                                     lambda _: rep),
+      running_var=parallel.abstract(tuple(f32(*np.shape(x)) for x in targets.running_var),
+                                    lambda _: rep))
   ids = jax.ShapeDtypeStruct((chunk,), jnp.int32, sharding=split)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
   return step.lower(parallel.abstract(state, on_classes),

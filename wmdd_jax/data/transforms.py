@@ -138,11 +138,13 @@ def roll_shift(image: Array, dy: int | Array, dx: int | Array) -> Array:
 
 
 def jitter(key: Array, image: Array, max_shift: int) -> Array:
-  """Random circular shift by dy, dx drawn uniformly from [-max_shift, max_shift] (inclusive).
+  """Random circular shift by dy, dx drawn uniformly from [0, max_shift] (inclusive).
 
-  The official SRe2L/WMDD recover jitter (``torch.roll`` with ``random.randint(-lim, lim)``).
+  The official WMDD/SRe2L recover jitter: ``torch.roll(x, shifts=(off1, off2))`` with
+  ``off = random.randint(0, lim)`` (recover/data_synthesis_new.py, ``lim = --jitter``, 32 at
+  224 px), i.e. down and right only; a shift of ``s`` equals one of ``s - H`` (circular).
   """
-  shifts = jax.random.randint(key, (2,), -max_shift, max_shift + 1)
+  shifts = jax.random.randint(key, (2,), 0, max_shift + 1)
   return roll_shift(image, shifts[0], shifts[1])
 
 
@@ -371,7 +373,7 @@ def augment_batch(
     scale: RandomResizedCrop area range.
     ratio: RandomResizedCrop aspect-ratio range.
     flip: apply a random horizontal flip (p = 0.5).
-    max_shift: jitter range in pixels, shifts drawn from [-max_shift, max_shift] on both axes;
+    max_shift: jitter range in pixels, shifts drawn from [0, max_shift] on both axes (official);
       default ``out_hw[0] // 7`` (32 px at 224, as in the official code). 0 disables it.
     antialias: see :func:`crop_and_resize`.
 

@@ -149,3 +149,43 @@ def pool_moments(
   mu = jnp.mean(mean, axis=axis)
   between = jnp.mean(jnp.square(mean - jnp.expand_dims(mu, axis)), axis=axis)
   return mu, jnp.mean(var, axis=axis) + between
+
+
+def bn_layer_paths(model: nn.Module, variables: dict[str, Any],
+                   image_shape: tuple[int, ...]) -> tuple[tuple[str, ...], ...]:
+  """The module path of every :class:`CapturingBatchNorm`, in forward (call) order.
+
+  The same order as :class:`ModelOutput`'s ``bn_mean`` / ``bn_var``. Traced abstractly (no
+  compute).
+
+  Args:
+    model: a registered model.
+    variables: its variables (arrays or ``jax.ShapeDtypeStruct``).
+    image_shape: (H, W, ch) of one input image.
+  """
+  variables = {k: v for k, v in variables.items() if k != BN_COLLECTION}
+  _CALL_ORDER.paths = []
+  try:
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=False, mutable=[BN_COLLECTION]),
+                   variables, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+    return tuple(_CALL_ORDER.paths)
+  finally:
+    _CALL_ORDER.paths = None
+
+
+def running_statistics(
+    model: nn.Module, variables: dict[str, Any], image_shape: tuple[int, ...]
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+  """The teacher's BN running statistics, layer by layer in forward order.
+
+  What SRe2L (and WMDD's Wass+BN / CE+BN ablations, recover/data_synthesis.py) match the
+  synthetic batch's statistics to: ``module.running_mean`` / ``running_var`` of every BN layer.
+
+  Returns:
+    (means, vars): tuples over BN layers of f32[ch_l], aligned with ``apply_model``'s moments.
+  """
+  stats = variables["batch_stats"]
+  paths = bn_layer_paths(model, variables, image_shape)
+  means = tuple(jnp.asarray(_lookup(stats, p)["bn"]["mean"], jnp.float32) for p in paths)
+  varis = tuple(jnp.asarray(_lookup(stats, p)["bn"]["var"], jnp.float32) for p in paths)
+  return means, varis

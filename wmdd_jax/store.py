@@ -1,0 +1,438 @@
+"""Synthetic sets stored as the official WMDD pipeline hands them to the student.
+
+The official recover (github.com/Liu-Hy/WMDD, ``recover/data_synthesis_new.py``) ends with
+
+  * ``denormalize`` (``recover/utils.py:119-134``): per channel ``clamp(x * std + mean, 0, 1)``
+    in float32 (the numpy float64 constants act as torch scalars, cast to the tensor's float32);
+  * ``save_images`` (``recover/data_synthesis_new.py:216-232``):
+    ``Image.fromarray((image_np * 255).astype(np.uint8)).save(path)``, i.e. a float32 product
+    TRUNCATED (not rounded) to uint8, written as JPEG with PIL's defaults (quality 75, 4:2:0
+    chroma subsampling for RGB, baseline) at ``{syn_data_path}/new{c:03d}/class{c:03d}_id{j:03d}
+    .jpg``; the barycenter weights go to ``sample_weights.txt`` (``np.savetxt(..., fmt='%f')``,
+    one row of k weights per class, lines 425-439) next to the class folders.
+
+The relabel (``relabel/generate_soft_label.py:194-214``) and the student
+(``train/train_FKD.py:100-119``) read those JPEGs through torchvision's ImageFolder (PIL decode,
+``convert('RGB')``), ``ToTensor`` (``u8 / 255`` in float32) and ``Normalize`` (``(x - mean) /
+std`` in float32). So the student never sees the recovered floats: it sees the decoded JPEG,
+renormalised. :func:`jpeg_roundtrip` reproduces exactly that; :func:`write_image_folder` writes
+the same bytes in the official layout, so the official ``train_FKD.py`` can consume our sets, and
+:func:`read_image_folder` reads such a folder back.
+
+All functions are pure numpy/PIL and run on the host; images are channels last.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from wmdd_jax.errors import (
+    ConfigError,
+    DataError,
+    DatasetNotFoundError,
+    NonFiniteError,
+    ShapeError,
+)
+
+DEFAULT_QUALITY = 75  # PIL's JPEG default (libjpeg's jpeg_set_defaults), what the official uses.
+WEIGHTS_FILE = "sample_weights.txt"  # read by relabel/utils_fkd.py:309 load_weights_file
+CLASS_NAMES_FILE = "class_names.txt"  # ours; ignored by ImageFolder and load_weights_file
+_FILE_RE = re.compile(r"^class(\d+)_id(\d+)\.jpg$")
+_DIR_RE = re.compile(r"^new(\d+)$")
+
+
+def image_path(class_id: int, image_id: int) -> str:
+  """The official relative path of image ``image_id`` of class ``class_id``.
+
+  ``new{c:03d}/class{c:03d}_id{j:03d}.jpg`` (recover/data_synthesis_new.py:225-226).
+  """
+  return f"new{class_id:03d}/class{class_id:03d}_id{image_id:03d}.jpg"
+
+
+def _check_channels(ch: int, what: str) -> None:
+  if ch not in (1, 3):
+    raise ShapeError(f"{what} needs 1 (grayscale) or 3 (RGB) channels last, got {ch}; pass "
+                     "images shaped [..., H, W, 1] or [..., H, W, 3].")
+
+
+def _constants(mean: Any, std: Any, ch: int) -> tuple[np.ndarray, np.ndarray]:
+  mean = np.asarray(mean, np.float32).reshape(-1)
+  std = np.asarray(std, np.float32).reshape(-1)
+  if mean.shape != (ch,) or std.shape != (ch,):
+    raise ShapeError(f"mean {mean.shape} and std {std.shape} must hold one value per channel "
+                     f"({ch}); pass the dataset's per-channel constants.")
+  if np.any(std <= 0):
+    raise ConfigError(f"std must be positive, got {std.tolist()}.")
+  return mean, std
+
+
+def quantize_like_official(images: Any, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """Normalised float images -> the uint8 pixels the official recover writes.
+
+  Per channel, in float32: ``p = clip(x * std + mean, 0, 1)`` (``denormalize``), then
+  ``(p * 255).astype(uint8)``, which truncates toward zero (``save_images``).
+
+  Args:
+    images: f32[..., H, W, ch] normalised images (any leading dims; any channel count matching
+      ``mean``/``std``).
+    mean: per-channel mean, [0, 1] pixel scale.
+    std: per-channel std.
+
+  Returns:
+    u8[..., H, W, ch].
+
+  Raises:
+    ShapeError: fewer than 3 dims, non-float input, or constants that do not match ``ch``.
+    NonFiniteError: NaN or Inf pixels.
+  """
+  x = np.asarray(images)
+  if x.ndim < 3:
+    raise ShapeError(f"quantize_like_official takes f32[..., H, W, ch], got shape {x.shape}; "
+                     "add the channel axis (x[..., None]) for grayscale.")
+  if not np.issubdtype(x.dtype, np.floating):
+    raise ShapeError(f"quantize_like_official takes normalised floats, got dtype {x.dtype}; "
+                     "uint8 pixels are already quantised (pass them to encode_jpeg).")
+  mean, std = _constants(mean, std, x.shape[-1])
+  x = x.astype(np.float32, copy=False)
+  if not np.all(np.isfinite(x)):
+    raise NonFiniteError("quantize_like_official got NaN/Inf pixels; the synthetic images "
+                         "diverged: lower the recover lr or check the run's losses.")
+  pixels = np.clip(x * std + mean, np.float32(0.0), np.float32(1.0))
+  return (pixels * np.float32(255.0)).astype(np.uint8)
+
+
+def normalize_like_official(images_u8: Any, mean: Sequence[float], std: Sequence[float]
+                            ) -> np.ndarray:
+  """uint8 pixels -> the float32 input the official student sees (ToTensor + Normalize).
+
+  ``(u8 / 255 - mean) / std``, each operation in float32, as torchvision does.
+
+  Args:
+    images_u8: u8[..., H, W, ch].
+    mean: per-channel mean.
+    std: per-channel std.
+
+  Returns:
+    f32[..., H, W, ch].
+  """
+  u8 = np.asarray(images_u8)
+  if u8.dtype != np.uint8 or u8.ndim < 3:
+    raise ShapeError(f"normalize_like_official takes u8[..., H, W, ch], got {u8.dtype} "
+                     f"{u8.shape}.")
+  mean, std = _constants(mean, std, u8.shape[-1])
+  return (u8.astype(np.float32) / np.float32(255.0) - mean) / std
+
+
+def _check_quality(quality: int) -> int:
+  if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) \
+      or not 1 <= quality <= 100:
+    raise ConfigError(f"JPEG quality must be an int in [1, 100], got {quality!r}; the official "
+                      f"pipeline uses PIL's default, {DEFAULT_QUALITY}.")
+  return int(quality)
+
+
+def encode_jpeg(images_u8: Any, quality: int = DEFAULT_QUALITY) -> list[bytes]:
+  """Encodes images as PIL does in the official ``save_images``.
+
+  3 channels are saved as RGB, 1 channel as grayscale ("L"); everything else is PIL's default
+  (4:2:0 subsampling for RGB, baseline, no optimisation). At quality 75 the bytes equal
+  ``Image.fromarray(img).save("x.jpg")`` without a quality argument.
+
+  Args:
+    images_u8: u8[..., H, W, ch], ch in {1, 3}.
+    quality: JPEG quality, 1-100.
+
+  Returns:
+    One JPEG file's bytes per image, the leading dims flattened in C order.
+
+  Raises:
+    ShapeError: wrong dtype, rank or channel count.
+    ConfigError: quality out of range.
+  """
+  from PIL import Image  # noqa: PLC0415 - host-only dependency
+
+  u8 = np.asarray(images_u8)
+  if u8.dtype != np.uint8 or u8.ndim < 3:
+    raise ShapeError(f"encode_jpeg takes u8[..., H, W, ch], got {u8.dtype} {u8.shape}; "
+                     "quantise floats first with quantize_like_official.")
+  _check_channels(u8.shape[-1], "encode_jpeg")
+  quality = _check_quality(quality)
+  flat = u8.reshape(-1, *u8.shape[-3:])
+  out = []
+  for img in flat:
+    buf = io.BytesIO()
+    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
+        buf, format="JPEG", quality=quality)
+    out.append(buf.getvalue())
+  return out
+
+
+def _decode_one(data: bytes, channels: int | None, where: str):
+  from PIL import Image  # noqa: PLC0415
+
+  try:
+    with Image.open(io.BytesIO(data)) as img:
+      if img.format != "JPEG":
+        raise DataError(f"{where} is a {img.format} file, not a JPEG; encode it with "
+                        "encode_jpeg.")
+      if channels is None:
+        channels = 1 if img.mode == "L" else 3
+      # ImageFolder's pil_loader does convert('RGB'); grayscale sets stay 1-channel here.
+      arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+  except (OSError, SyntaxError, ValueError) as e:
+    if isinstance(e, DataError):
+      raise
+    raise DataError(f"{where} is not a readable JPEG ({e}); re-encode it with encode_jpeg.") \
+        from e
+  return arr[..., None] if arr.ndim == 2 else arr
+
+
+def decode_jpeg(data: Sequence[bytes], image_shape: Sequence[int]) -> np.ndarray:
+  """Decodes JPEG bytes with PIL, as torchvision's ImageFolder loader does.
+
+  Args:
+    data: N JPEG files' bytes.
+    image_shape: (H, W, ch) every image must have; ch in {1, 3} (1: decoded as grayscale "L",
+      3: ``convert('RGB')``).
+
+  Returns:
+    u8[N, H, W, ch].
+
+  Raises:
+    ShapeError: a bad ``image_shape``.
+    DataError: unreadable bytes, or an image of another size.
+  """
+  shape = tuple(int(s) for s in image_shape)
+  if len(shape) != 3:
+    raise ShapeError(f"decode_jpeg needs image_shape (H, W, ch), got {tuple(image_shape)}.")
+  _check_channels(shape[-1], "decode_jpeg")
+  out = np.empty((len(data), *shape), np.uint8)
+  for i, item in enumerate(data):
+    arr = _decode_one(bytes(item), shape[-1], f"JPEG #{i}")
+    if arr.shape != shape:
+      raise DataError(f"JPEG #{i} decodes to {arr.shape}, expected {shape}; pass the shape the "
+                      "images were encoded with.")
+    out[i] = arr
+  return out
+
+
+def jpeg_roundtrip(images: Any, mean: Sequence[float], std: Sequence[float],
+                   quality: int = DEFAULT_QUALITY) -> tuple[np.ndarray, list[bytes]]:
+  """The images as the official student sees them: quantise, JPEG-encode, decode, renormalise.
+
+  Args:
+    images: f32[C, k, H, W, ch] (or any f32[..., H, W, ch]) normalised synthetic images;
+      ch in {1, 3}.
+    mean: per-channel mean, [0, 1] pixel scale.
+    std: per-channel std.
+    quality: JPEG quality (the official: PIL's default 75).
+
+  Returns:
+    (f32 images of the input's shape, normalised from the decoded JPEGs; the JPEG bytes, one
+    per image, leading dims flattened in C order, e.g. index ``c * k + j``).
+
+  Raises:
+    ShapeError, NonFiniteError, ConfigError: see :func:`quantize_like_official` and
+      :func:`encode_jpeg`.
+  """
+  x = np.asarray(images)
+  if x.ndim >= 3:
+    _check_channels(x.shape[-1], "jpeg_roundtrip")
+  u8 = quantize_like_official(x, mean, std)
+  data = encode_jpeg(u8, quality)
+  decoded = decode_jpeg(data, u8.shape[-3:]).reshape(u8.shape)
+  return normalize_like_official(decoded, mean, std), data
+
+
+# --- The official folder layout ---------------------------------------------------------------
+
+
+def _jpeg_grid(images: Any, num_classes: int | None, quality: int) -> list[list[bytes]]:
+  """[C][k] JPEG bytes from u8[C, k, H, W, ch], nested [C][k] bytes, or flat C * k bytes."""
+  if isinstance(images, np.ndarray) and images.dtype != object:
+    if images.dtype != np.uint8 or images.ndim != 5:
+      raise ShapeError(f"write_image_folder takes u8[C, k, H, W, ch] or JPEG bytes, got "
+                       f"{images.dtype} {images.shape}; quantise floats with "
+                       "quantize_like_official (or use jpeg_roundtrip's bytes).")
+    c, k = images.shape[:2]
+    flat = encode_jpeg(images, quality)
+    return [flat[i * k:(i + 1) * k] for i in range(c)]
+  items = list(images)
+  if not items:
+    raise ShapeError("write_image_folder got no images.")
+  if all(isinstance(b, (bytes, bytearray)) for b in items):
+    if not num_classes or len(items) % num_classes:
+      raise ShapeError(f"write_image_folder got a flat list of {len(items)} JPEGs; pass "
+                       "class_ids (or class_names) for C classes with C dividing it, or nest "
+                       "them as [C][k].")
+    k = len(items) // num_classes
+    return [[bytes(b) for b in items[i * k:(i + 1) * k]] for i in range(num_classes)]
+  grid = [[bytes(b) for b in row] for row in items]
+  if len({len(row) for row in grid}) != 1 or not grid[0]:
+    raise ShapeError("write_image_folder needs the same number (>= 1) of JPEGs per class; got "
+                     f"{[len(row) for row in grid]}.")
+  return grid
+
+
+def write_image_folder(
+    root: str | os.PathLike,
+    images: Any,
+    class_ids: Sequence[int] | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    weights: Any = None,
+    quality: int = DEFAULT_QUALITY,
+    overwrite: bool = False,
+) -> str:
+  """Writes a synthetic set in the official layout, atomically.
+
+  ``root/new{c:03d}/class{c:03d}_id{j:03d}.jpg`` for class c and image j, plus
+  ``root/sample_weights.txt`` (C rows of k weights, ``%f``, as the official recover writes and
+  ``load_weights_file`` reads; uniform 1/k without ``weights``) and, with ``class_names``,
+  ``root/class_names.txt`` (one per line, in class order). The official ``train_FKD.py
+  --train-dir root`` and ``generate_soft_label.py --data root`` read it as is. Everything is
+  written into a temporary sibling directory that is then renamed to ``root``.
+
+  Args:
+    root: the directory to create.
+    images: u8[C, k, H, W, ch] pixels (encoded here with ``quality``), or JPEG bytes written
+      unchanged: nested [C][k], or a flat list of C * k in class-major order (as
+      :func:`jpeg_roundtrip` returns) with ``class_ids`` or ``class_names`` giving C.
+    class_ids: the C class indices (default 0..C-1). ImageFolder labels folders by sorted
+      name, so these must be 0..C-1 for its labels to equal the teacher's, and < 1000 for
+      ``{:03d}`` names to sort numerically.
+    class_names: optional C names, written to ``class_names.txt``.
+    weights: optional f32[C, k] barycenter weights.
+    quality: JPEG quality when ``images`` are pixels.
+    overwrite: replace an existing ``root``.
+
+  Returns:
+    The absolute path of ``root``.
+
+  Raises:
+    ShapeError: inconsistent images, ids, names or weights.
+    ConfigError: ``root`` exists without ``overwrite``, or bad ids/quality.
+  """
+  root = os.path.abspath(os.fspath(root))
+  quality = _check_quality(quality)
+  hint = len(class_ids) if class_ids is not None else (
+      len(class_names) if class_names is not None else None)
+  grid = _jpeg_grid(images, hint, quality)
+  c, k = len(grid), len(grid[0])
+  ids = list(range(c)) if class_ids is None else [int(i) for i in class_ids]
+  if len(ids) != c or len(set(ids)) != c:
+    raise ShapeError(f"write_image_folder got {len(ids)} class ids ({len(set(ids))} distinct) "
+                     f"for {c} classes; pass one distinct id per class.")
+  if any(i < 0 or i > 999 for i in ids):
+    raise ConfigError("class ids must be in [0, 999]: the official 'new{c:03d}' folder names "
+                      "sort numerically (so ImageFolder labels match) only up to 999.")
+  if class_names is not None and len(class_names) != c:
+    raise ShapeError(f"write_image_folder got {len(class_names)} class names for {c} classes.")
+  w = np.full((c, k), 1.0 / k) if weights is None else np.asarray(weights, np.float64)
+  if w.shape != (c, k):
+    raise ShapeError(f"weights must be f32[C, k] = ({c}, {k}), got {w.shape}; pass the "
+                     "SyntheticSet's barycenter weights.")
+  if os.path.exists(root) and not overwrite:
+    raise ConfigError(f"{root} exists; pass overwrite=True to replace it or choose a new path.")
+
+  parent = os.path.dirname(root)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
+  try:
+    for row, cid in zip(grid, ids):
+      os.makedirs(os.path.join(tmp, f"new{cid:03d}"))
+      for j, data in enumerate(row):
+        with open(os.path.join(tmp, image_path(cid, j)), "wb") as f:
+          f.write(data)
+    # Rows follow class order (ids), as the official file: row c is class c's weights.
+    np.savetxt(os.path.join(tmp, WEIGHTS_FILE), w, fmt="%f")
+    if class_names is not None:
+      with open(os.path.join(tmp, CLASS_NAMES_FILE), "w") as f:
+        f.write("".join(f"{name}\n" for name in class_names))
+    if os.path.exists(root):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.old-", dir=parent)
+      os.rename(root, os.path.join(old, "x"))
+      os.rename(tmp, root)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, root)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return root
+
+
+def read_image_folder(root: str | os.PathLike, channels: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Reads a folder in the official layout (see :func:`write_image_folder`).
+
+  Args:
+    root: the set's directory, holding ``new{c:03d}/class{c:03d}_id{j:03d}.jpg``.
+    channels: 1 or 3 to force the decode mode; None: 1 for grayscale JPEGs, else 3.
+
+  Returns:
+    (u8[C, k, H, W, ch] in ascending class id and image id order, i64[C] class ids).
+
+  Raises:
+    DatasetNotFoundError: no such directory, or no class folders in it.
+    DataError: a misnamed file, ragged classes, missing image ids, or mismatched sizes.
+  """
+  root = os.fspath(root)
+  if not os.path.isdir(root):
+    raise DatasetNotFoundError(f"No synthetic image folder at {root}; write one with "
+                               "write_image_folder.")
+  if channels is not None:
+    _check_channels(channels, "read_image_folder")
+  folders = []
+  for name in os.listdir(root):
+    m = _DIR_RE.match(name)
+    if m and os.path.isdir(os.path.join(root, name)):
+      folders.append((int(m.group(1)), name))
+  if not folders:
+    raise DatasetNotFoundError(f"{root} holds no 'new{{c:03d}}' class folders; is it the "
+                               "directory write_image_folder (or the official recover) wrote?")
+  folders.sort()
+  images, counts = [], []
+  for cid, name in folders:
+    files = {}
+    for fn in os.listdir(os.path.join(root, name)):
+      m = _FILE_RE.match(fn)
+      if not m or int(m.group(1)) != cid:
+        raise DataError(f"{os.path.join(root, name, fn)} is not named "
+                        f"'class{cid:03d}_id<j>.jpg'; remove it or fix its name.")
+      files[int(m.group(2))] = fn
+    if sorted(files) != list(range(len(files))):
+      raise DataError(f"{os.path.join(root, name)} holds image ids {sorted(files)}; expected "
+                      f"0..{len(files) - 1} without gaps.")
+    row = []
+    for j in range(len(files)):
+      path = os.path.join(root, name, files[j])
+      with open(path, "rb") as f:
+        row.append(_decode_one(f.read(), channels, path))
+      channels = row[-1].shape[-1]
+    counts.append(len(row))
+    images.extend(row)
+  if len(set(counts)) != 1 or counts[0] == 0:
+    raise DataError(f"Class folders in {root} hold different numbers of images {counts}; a "
+                    "synthetic set has the same count k >= 1 per class.")
+  if len({im.shape for im in images}) != 1:
+    raise DataError(f"Images in {root} have different sizes {sorted({im.shape for im in images})}"
+                    "; every synthetic image must share one (H, W, ch).")
+  stacked = np.stack(images).reshape(len(folders), counts[0], *images[0].shape)
+  return stacked, np.asarray([cid for cid, _ in folders], np.int64)
+
+
+def read_sample_weights(root: str | os.PathLike) -> np.ndarray | None:
+  """``root/sample_weights.txt`` as f32[C, k] (None when absent)."""
+  path = os.path.join(os.fspath(root), WEIGHTS_FILE)
+  if not os.path.isfile(path):
+    return None
+  return np.loadtxt(path, dtype=np.float64, ndmin=2).astype(np.float32)
