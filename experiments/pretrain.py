@@ -9,7 +9,8 @@
 Writes ``WORKDIR/teacher`` (Orbax; what ``experiments/distill.py`` with the same workdir then
 loads instead of training) and ``WORKDIR/teacher_metrics.jsonl`` (one line per epoch). An
 existing teacher is kept: delete it to train again. Each config's docstring gives its expected
-runtime and accuracy.
+runtime and accuracy. The meta is :func:`wmdd_jax.checkpoint.teacher_meta`'s, so
+``wmdd_jax.checkpoint.build_teacher(WORKDIR/teacher)`` rebuilds the model from the file alone.
 """
 
 import json
@@ -81,19 +82,11 @@ def main(argv):
       metrics_path=metrics_path)
   with open(metrics_path) as f:
     final = json.loads(f.readlines()[-1])  # the last epoch is always evaluated
-  meta = {
-      "model": teacher.model,
-      "model_options": model_options,
-      "num_classes": dataset.num_classes,
-      "class_names": dataset.class_names,
-      "image_shape": list(dataset.image_shape),
-      "mean": list(dataset.mean),
-      "std": list(dataset.std),
-      "dataset": config.dataset.spec,
-      "test_top1": final["test_top1"],
-      "test_top5": final["test_top5"],
-      "config": json.loads(config.to_json_best_effort()),
-  }
+  meta = checkpoint.teacher_meta(
+      model=teacher.model, model_options=model_options, num_classes=dataset.num_classes,
+      class_names=dataset.class_names, image_shape=dataset.image_shape, mean=dataset.mean,
+      std=dataset.std, dataset=config.dataset.spec, test_top1=final["test_top1"],
+      test_top5=final["test_top5"], config=json.loads(config.to_json_best_effort()))
   checkpoint.save_teacher(path, variables, meta)
   print(f"teacher: {teacher.model} test top-1 {final['test_top1']:.2f}% "
         f"top-5 {final['test_top5']:.2f}%; saved to {path}")

@@ -36,7 +36,7 @@ def _num_params(variables):
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
 
 
-_STEM_SIZES = {"imagenet": 32, "tiny": 16, "cifar": 16}
+_STEM_SIZES = {"imagenet": 32, "tiny": 16, "cifar": 16, "tiny_official": 16}
 
 
 @pytest.mark.parametrize("name,feature_dim,stem,channels", [

@@ -4,10 +4,12 @@ A teacher checkpoint is one Orbax directory with two items, written atomically (
 temporary directory and renames it when complete):
 
   * ``variables``: ``{"params": ..., "batch_stats": ...}`` (StandardSave),
-  * ``meta``: a JSON object (JsonSave) with at least ``format`` (added here) and, by convention,
-    ``model``, ``model_options``, ``num_classes``, ``class_names``, ``image_shape``, ``mean``,
-    ``std`` and ``config``, enough to rebuild the network:
-    ``get_model(meta["model"], meta["num_classes"], **meta["model_options"])``.
+  * ``meta``: a JSON object (JsonSave) with ``format`` (added here) and the keys that
+    :func:`teacher_meta` writes and validates: ``model``, ``model_options``, ``num_classes``,
+    ``class_names``, ``image_shape`` (H, W, ch), ``mean``, ``std`` (the input normalisation the
+    teacher expects, pixel scale [0, 1]) and ``dataset`` (the data spec), plus any extras
+    (``test_top1``, ``config``, ``source``, ...). :func:`build_teacher` rebuilds the network from
+    them: ``get_model(meta["model"], meta["num_classes"], **meta["model_options"])``.
 
 A synthetic set (:class:`SyntheticSet`) is a directory with ``arrays`` (Orbax: images, labels,
 weights) and ``meta.json`` (class names, normalisation, the config that made it), written to a
@@ -22,16 +24,23 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from wmdd_jax import parallel
 from wmdd_jax.errors import CheckpointError, ConfigError, ShapeError
+from wmdd_jax.models import get_model
 
 TEACHER_FORMAT = "wmdd_jax.teacher/1"
+# What every teacher meta holds (teacher_meta writes them, build_teacher needs them).
+TEACHER_META_KEYS = ("model", "model_options", "num_classes", "class_names", "image_shape",
+                     "mean", "std", "dataset")
 SYNSET_FORMAT = "wmdd_jax.synset/1"
 
 
@@ -117,6 +126,111 @@ def load_teacher(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any
   variables = jax.tree.map(np.asarray, {"params": variables["params"],
                                         "batch_stats": variables.get("batch_stats", {})})
   return variables, meta
+
+
+def teacher_meta(*, model: str, model_options: Mapping[str, Any] | None, num_classes: int,
+                 class_names: Sequence[str], image_shape: Sequence[int], mean: Sequence[float],
+                 std: Sequence[float], dataset: str, **extra: Any) -> dict[str, Any]:
+  """The one teacher meta format (what :func:`save_teacher` should be given), validated.
+
+  Args:
+    model: registered model name (``wmdd_jax.models.list_models``).
+    model_options: its options (a dict or ConfigDict; None for none), e.g. {"stem": "tiny"}.
+    num_classes: classifier width, >= 1.
+    class_names: ``num_classes`` names, in label order.
+    image_shape: (H, W, ch) of the teacher's input.
+    mean, std: ``ch`` per-channel normalisation constants (pixel scale [0, 1]; std > 0).
+    dataset: the data spec the teacher is for (e.g. "tfds:imagenet2012").
+    **extra: more JSON-serialisable entries (test_top1, config, source, ...).
+
+  Returns:
+    A plain JSON-ready dict: the :data:`TEACHER_META_KEYS`, then ``extra``.
+
+  Raises:
+    ConfigError: an unknown model or option, or inconsistent values (the message names them).
+  """
+  options = model_options.to_dict() if hasattr(model_options, "to_dict") else dict(
+      model_options or {})
+  if not isinstance(num_classes, int | np.integer) or isinstance(num_classes, bool):
+    raise ConfigError(f"teacher_meta: num_classes must be an int, got {num_classes!r}.")
+  get_model(model, int(num_classes), **options)  # unknown model/options raise ConfigError here
+  names = [str(n) for n in class_names]
+  if len(names) != num_classes:
+    raise ConfigError(f"teacher_meta: {len(names)} class names for {num_classes} classes; pass "
+                      "one name per class (e.g. [str(i) for i in range(num_classes)]).")
+  shape = [int(d) for d in image_shape]
+  if len(shape) != 3 or min(shape) < 1:
+    raise ConfigError(f"teacher_meta: image_shape must be (H, W, channels) of positive ints, got "
+                      f"{tuple(image_shape)}.")
+  mean = [float(m) for m in np.ravel(mean)]
+  std = [float(s) for s in np.ravel(std)]
+  if len(mean) != shape[2] or len(std) != shape[2]:
+    raise ConfigError(f"teacher_meta: mean {mean} and std {std} need one value per channel "
+                      f"({shape[2]}, from image_shape {shape}).")
+  if min(std) <= 0:
+    raise ConfigError(f"teacher_meta: std must be positive, got {std}.")
+  if not isinstance(dataset, str) or not dataset:
+    raise ConfigError(f"teacher_meta: dataset must be the data spec string (e.g. "
+                      f"'tfds:imagenet2012'), got {dataset!r}.")
+  return {"model": model, "model_options": options, "num_classes": int(num_classes),
+          "class_names": names, "image_shape": shape, "mean": mean, "std": std,
+          "dataset": dataset, **extra}
+
+
+def build_teacher(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+  """Loads a teacher checkpoint and rebuilds its model from the meta alone.
+
+  Args:
+    path: a directory written by :func:`save_teacher` with a :func:`teacher_meta` meta.
+
+  Returns:
+    ``(model, variables, meta)``: ``get_model(meta["model"], meta["num_classes"],
+    **meta["model_options"])``, its ``{"params", "batch_stats"}`` (numpy), and the meta.
+
+  Raises:
+    CheckpointError: unreadable checkpoint, a meta without the :data:`TEACHER_META_KEYS` (one
+      written by an older wmdd_jax) or variables that do not fit the model the meta describes.
+  """
+  variables, meta = load_teacher(path)
+  missing = [k for k in TEACHER_META_KEYS if k not in meta]
+  if missing:
+    raise CheckpointError(
+        f"The teacher checkpoint {path} has an old or incomplete meta: it lacks {missing}, so "
+        "the model cannot be rebuilt from it. Re-save it with a complete meta "
+        "(checkpoint.save_teacher(path, variables, checkpoint.teacher_meta(...), "
+        "overwrite=True)), or delete it and train/import the teacher again.")
+  try:
+    model = get_model(meta["model"], int(meta["num_classes"]), **meta["model_options"])
+  except ConfigError as e:
+    raise CheckpointError(f"The teacher checkpoint {path} names a model this wmdd_jax cannot "
+                          f"build ({e}). Fix its meta or train the teacher again.") from e
+  x = jax.ShapeDtypeStruct((1, *meta["image_shape"]), jnp.float32)
+  abstract = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False, mutable=["params", "batch_stats"]),
+      x)
+  want = jax.tree.map(lambda a: tuple(a.shape),
+                      {k: abstract.get(k, {}) for k in ("params", "batch_stats")})
+  have = jax.tree.map(lambda a: tuple(np.shape(a)), variables)
+  if want != have:
+    diff = _tree_difference(want, have)
+    raise CheckpointError(f"The variables in {path} do not fit the model its meta describes "
+                          f"({meta['model']}, {meta['model_options']}, {meta['num_classes']} "
+                          f"classes): {diff}. The meta is wrong for these weights; re-save the "
+                          "checkpoint with the right teacher_meta.")
+  return model, variables, meta
+
+
+def _tree_difference(want: Any, have: Any) -> str:
+  """A short description of the first paths where two trees of shapes differ."""
+  flat = lambda t: {jax.tree_util.keystr(p): v for p, v in
+                    jax.tree_util.tree_flatten_with_path(t, is_leaf=lambda x: isinstance(
+                        x, tuple))[0]}
+  a, b = flat(want), flat(have)
+  notes = [f"{k} missing" for k in sorted(set(a) - set(b))]
+  notes += [f"{k} unexpected" for k in sorted(set(b) - set(a))]
+  notes += [f"{k} has shape {b[k]}, the model needs {a[k]}" for k in sorted(set(a) & set(b))
+            if a[k] != b[k]]
+  return "; ".join(notes[:5]) + (f" (and {len(notes) - 5} more)" if len(notes) > 5 else "")
 
 
 # --- Synthetic sets -----------------------------------------------------------------------------

@@ -242,6 +242,7 @@ def _teacher(config, dataset, workdir, root, timings, log, mesh=None):
   path = config.teacher.get("checkpoint") or os.path.join(workdir, "teacher")
   if os.path.exists(path):
     variables, meta = checkpoint.load_teacher(path)
+    _check_teacher_meta(meta, config, dataset, path)
     log(f"teacher: loaded {path}")
     return model, variables, meta
   with _Timer(timings, "teacher"):
@@ -257,13 +258,32 @@ def _teacher(config, dataset, workdir, root, timings, log, mesh=None):
         units=work_units(config))
     result = train_lib.evaluate(model, variables, test, mean=dataset.mean, std=dataset.std,
                                 mesh=mesh, units=work_units(config))
-    meta = {"model": config.teacher.model,
-            "model_options": _to_dict(config.teacher.get("model_options")),
-            "class_names": dataset.class_names, "dataset": config.dataset.spec,
-            "test_top1": result["top1"], "test_top5": result["top5"]}
+    meta = checkpoint.teacher_meta(
+        model=config.teacher.model,
+        model_options=_to_dict(config.teacher.get("model_options")),
+        num_classes=dataset.num_classes, class_names=dataset.class_names,
+        image_shape=dataset.image_shape, mean=dataset.mean, std=dataset.std,
+        dataset=config.dataset.spec, test_top1=result["top1"], test_top5=result["top5"])
     checkpoint.save_teacher(path, variables, meta)
   log(f"teacher: trained, test top-1 {meta['test_top1']:.2f}%")
   return model, variables, meta
+
+
+def _check_teacher_meta(meta, config, dataset, path) -> None:
+  """A loaded teacher must be the model the config names, for this dataset's classes and input."""
+  problems = []
+  if meta.get("model") not in (None, config.teacher.model):
+    problems.append(f"model {meta['model']!r} (config.teacher.model={config.teacher.model!r})")
+  if meta.get("num_classes") not in (None, dataset.num_classes):
+    problems.append(f"{meta['num_classes']} classes (the dataset has {dataset.num_classes})")
+  shape = meta.get("image_shape")
+  if shape is not None and tuple(shape)[-1] != tuple(dataset.image_shape)[-1]:
+    problems.append(f"{tuple(shape)[-1]} input channels (the dataset has "
+                    f"{tuple(dataset.image_shape)[-1]})")
+  if problems:
+    raise ConfigError(f"The teacher checkpoint {path} does not fit this run: "
+                      + "; ".join(problems) + ". Point config.teacher.checkpoint at a matching "
+                      "teacher, fix config.teacher.model, or remove the checkpoint to retrain.")
 
 
 def _split(config, which: str) -> str:

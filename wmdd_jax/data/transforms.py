@@ -148,18 +148,40 @@ def jitter(key: Array, image: Array, max_shift: int) -> Array:
   return roll_shift(image, shifts[0], shifts[1])
 
 
+def _resize_weights(start: Array, size: Array, in_len: int, out_len: int,
+                    antialias: bool) -> Array:
+  """f32[out_len, in_len]: torch's bilinear (antialiased) resampling of [start, start + size).
+
+  PyTorch's ``interpolate(mode="bilinear", align_corners=False, antialias=...)`` applied to the
+  slice: output pixel i is centred at ``(i + 0.5) * s`` in the slice (s = size / out_len), its
+  weights are the triangle filter ``max(0, 1 - |j + 0.5 - centre| / support)`` over the slice's
+  pixels j, normalised, with support ``max(1, s)`` when ``antialias`` (1 otherwise; for s <= 1
+  this is exactly the clamped two-tap bilinear rule). Pixels outside the slice get weight 0.
+  """
+  scale = size / out_len
+  support = jnp.maximum(scale, 1.0) if antialias else jnp.ones_like(scale)
+  centre = (jnp.arange(out_len, dtype=jnp.float32) + 0.5) * scale
+  j = jnp.arange(in_len, dtype=jnp.float32) - start  # input pixel index within the slice
+  w = jnp.maximum(0.0, 1.0 - jnp.abs(j[None, :] + 0.5 - centre[:, None]) / support)
+  w = jnp.where((j[None, :] >= 0) & (j[None, :] < size), w, 0.0)
+  return w / jnp.sum(w, axis=1, keepdims=True)
+
+
 @_jit_static("out_hw", "antialias")
 def crop_and_resize(
     image: Array, box: Sequence[float] | Array, out_hw: tuple[int, int], *, antialias: bool = True
 ) -> Array:
-  """Resamples the region ``box`` of ``image`` to ``out_hw`` bilinearly (half-pixel centres).
+  """Resamples the region ``box`` of ``image`` to ``out_hw`` as torchvision does on tensors.
 
-  Matches torchvision's ``resized_crop`` (bilinear, ``align_corners=False``); a box that is an
-  integer window of size ``out_hw`` returns exactly that slice.
+  torchvision's ``resized_crop``: slice the box, then ``interpolate(mode="bilinear",
+  align_corners=False, antialias=antialias)``. Only pixels inside the box contribute (its border
+  is clamped, not blended with the pixels around it). A box that is an integer window of size
+  ``out_hw`` returns exactly that slice. Computed as two small resampling matrices (the box may be
+  traced), linear in ``image``.
 
   Args:
     image: f32[..., H, W, ch]; leading axes share the box.
-    box: (y0, x0, h, w) in input pixels; may be traced.
+    box: (y0, x0, h, w) integer input pixels; may be traced.
     out_hw: static (H', W').
     antialias: widen the kernel when shrinking (as torchvision's ``antialias=True``).
 
@@ -168,21 +190,13 @@ def crop_and_resize(
   """
   _check_image(image)
   box = jnp.asarray(box, jnp.float32)
-  y0, x0, h, w = box[0], box[1], box[2], box[3]
-  out_h, out_w = out_hw
-  scale = jnp.stack([out_h / h, out_w / w])
-  # Output coordinate = input coordinate * scale + translation, so the box's corner lands on 0.
-  translation = -jnp.stack([y0, x0]) * scale
-  ndim = image.ndim
-  return jax.image.scale_and_translate(
-      image.astype(jnp.float32),
-      (*image.shape[:-3], out_h, out_w, image.shape[-1]),
-      (ndim - 3, ndim - 2),
-      scale,
-      translation,
-      method="linear",
-      antialias=antialias,
-  )
+  height, width = image.shape[-3], image.shape[-2]
+  wy = _resize_weights(box[0], box[2], height, int(out_hw[0]), antialias)
+  wx = _resize_weights(box[1], box[3], width, int(out_hw[1]), antialias)
+  x = image.astype(jnp.float32)
+  hi = jax.lax.Precision.HIGHEST  # exact-enough sums, as a reference resampler should be
+  x = jnp.einsum("ih,...hwc->...iwc", wy, x, precision=hi)
+  return jnp.einsum("jw,...iwc->...ijc", wx, x, precision=hi)
 
 
 def resize_center_crop(

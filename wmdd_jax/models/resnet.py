@@ -1,4 +1,4 @@
-"""ResNet-18/34/50/101 with torchvision's topology and three stems.
+"""ResNet-18/34/50/101 with torchvision's topology and four stems.
 
 Blocks follow ``torchvision.models.resnet`` (v1.5: in a Bottleneck the stride sits on the 3x3
 conv; a block whose shape changes gets a ``conv1x1 + BN`` downsample on its shortcut). Module names
@@ -7,10 +7,16 @@ so that weights can be mapped one to one.
 
 Stems:
   * ``imagenet``: 7x7/2 conv (padding 3) + BN + ReLU + 3x3/2 max-pool (padding 1), for 224 px.
-  * ``tiny``: 3x3/1 conv (padding 1) + BN + ReLU, no max-pool: SRe2L's and WMDD's
-    Tiny-ImageNet (64 px) ResNet.
+  * ``tiny``: 3x3/1 conv (padding 1) + BN + ReLU, no max-pool: SRe2L's Tiny-ImageNet (64 px)
+    ResNet (WMDD's official code uses ``tiny_official`` at 224 px instead).
   * ``cifar``: the same layers as ``tiny``, for 32 px inputs (the usual CIFAR ResNet stem). The
     two names exist so that configs say what they mean; the networks are identical.
+  * ``tiny_official``: 3x3/2 conv with symmetric padding 3 + BN + ReLU, no max-pool: the stem the
+    official WMDD code (``recover/data_synthesis_new.py``) puts on torchvision's ResNet for
+    Tiny-ImageNet at 224 px, ``nn.Conv2d(3, 64, 3, stride=2, padding=3, bias=False)`` with
+    ``maxpool = Identity``. Padding is explicit, so the output size is PyTorch's,
+    ``(H + 6 - 3) // 2 + 1`` (224 -> 114, 64 -> 34). Its weights have the same shapes as
+    ``tiny``'s: only the stem name tells them apart when importing a checkpoint.
 
 BN order (what :func:`wmdd_jax.models.apply_model` returns, forward order, which equals
 torchvision's module-registration order): the stem's ``bn1``; then, block by block in
@@ -47,7 +53,10 @@ def dense_bias_init(fan_in: int):
   return init
 
 
-STEMS = ("imagenet", "tiny", "cifar")
+STEMS = ("imagenet", "tiny", "cifar", "tiny_official")
+# Stem conv per stem: (kernel, stride, symmetric padding), as PyTorch's nn.Conv2d takes them.
+STEM_CONV = {"imagenet": (7, 2, 3), "tiny": (3, 1, 1), "cifar": (3, 1, 1),
+             "tiny_official": (3, 2, 3)}
 
 
 class BasicBlock(nn.Module):
@@ -120,7 +129,7 @@ class ResNet(nn.Module):
     stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
     block_cls: :class:`BasicBlock` or :class:`Bottleneck`.
     num_classes: width of the classifier.
-    stem: "imagenet", "tiny" or "cifar" (see the module docstring).
+    stem: "imagenet", "tiny", "cifar" or "tiny_official" (see the module docstring).
     width: channels of the stem and the first stage (64 in torchvision).
     zero_init_residual: start each block's last BN scale at 0 (torchvision's option; off by
       default, as in torchvision).
@@ -144,12 +153,9 @@ class ResNet(nn.Module):
       raise ConfigError(f"Unknown ResNet stem {self.stem!r}; use one of {STEMS}.")
     if self.dtype is not None:
       x = x.astype(self.dtype)
-    if self.stem == "imagenet":
-      x = nn.Conv(self.width, (7, 7), strides=2, padding=3, use_bias=False,
-                  kernel_init=conv_kernel_init, dtype=self.dtype, name="conv1")(x)
-    else:
-      x = nn.Conv(self.width, (3, 3), strides=1, padding=1, use_bias=False,
-                  kernel_init=conv_kernel_init, dtype=self.dtype, name="conv1")(x)
+    kernel, stride, pad = STEM_CONV[self.stem]
+    x = nn.Conv(self.width, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+                use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype, name="conv1")(x)
     x = nn.relu(CapturingBatchNorm(dtype=self.dtype, name="bn1")(x, train))
     if self.stem == "imagenet":
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
