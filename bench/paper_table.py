@@ -219,7 +219,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def run_table(config: Any, *, table: int, config_name: str, ipcs: Sequence[int] | None = None,
               seeds: Sequence[int] = DEFAULT_SEEDS, out: str | None = None,
-              results_dir: str = RESULTS_DIR, command: str = "",
+              results_dir: str = RESULTS_DIR, command: str = "", tag: str = "",
               log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs (or reads) every cell of a table and writes its JSON and markdown results.
 
@@ -233,6 +233,8 @@ def run_table(config: Any, *, table: int, config_name: str, ipcs: Sequence[int] 
     out: the directory of the cells' workdirs and the teacher (default :func:`default_out`).
     results_dir: where ``paper_table<table>_<config name>[_debug].json`` and ``.md`` go.
     command: the command line, recorded in the JSON.
+    tag: appended to the config name in the default ``out`` and the results' file names, so
+      variants of one table (e.g. ``--config.recover.objective=per_class``) keep apart.
     log: progress printer.
 
   Returns:
@@ -253,8 +255,9 @@ def run_table(config: Any, *, table: int, config_name: str, ipcs: Sequence[int] 
   ipcs = _positive_ints(DEFAULT_IPCS[table] if ipcs is None else ipcs, "ipcs")
   seeds = _positive_ints(seeds, "seeds")
   debug = bool(config.get("debug", False))
-  out = os.path.abspath(out or default_out(config_name, debug))
-  json_path = results_path(results_dir, table, config_name, debug)
+  run_name = f"{config_name}_{tag}" if tag else config_name
+  out = os.path.abspath(out or default_out(run_name, debug))
+  json_path = results_path(results_dir, table, run_name, debug)
   user_teacher = config.teacher.get("checkpoint") or ""
   if user_teacher and not os.path.exists(user_teacher):
     raise ConfigError(f"config.teacher.checkpoint={user_teacher!r} does not exist; pass an "
@@ -338,6 +341,7 @@ def main() -> None:  # pragma: no cover - the CLI; tests run it as a subprocess
   seeds = flags.DEFINE_list("seeds", [str(s) for s in DEFAULT_SEEDS], "Seeds, one cell each.")
   out = flags.DEFINE_string("out", None, "Directory of the teacher and the cells' workdirs "
                             "(default bench/runs/paper_table/<config name>[_debug]).")
+  tag = flags.DEFINE_string("tag", "", "Suffix of the runs folder and results name (variants).")
   results = flags.DEFINE_string("results", RESULTS_DIR,
                                 "Directory of the JSON and markdown results.")
   flags.mark_flags_as_required(["config", "table"])
@@ -349,7 +353,7 @@ def main() -> None:  # pragma: no cover - the CLI; tests run it as a subprocess
     filename = config_flags.get_config_filename(flags.FLAGS["config"])
     run_table(config.value, table=int(table.value),
               config_name=os.path.splitext(os.path.basename(filename))[0], ipcs=ipcs.value,
-              seeds=seeds.value, out=out.value, results_dir=results.value,
+              seeds=seeds.value, out=out.value, results_dir=results.value, tag=tag.value,
               command=" ".join(["python -m bench.paper_table", *sys.argv[1:]]))
 
   app.run(run)

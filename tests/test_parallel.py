@@ -113,10 +113,12 @@ def _flat_stats(st) -> dict[str, np.ndarray]:
   return {f"stats_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(st))}
 
 
-def _recover_options():
+def _recover_options(**kw):
   from wmdd_jax import synthesis
 
-  return synthesis.RecoverOptions(iterations=20, steps_per_call=10, r_ce=0.1, lr=0.1)
+  # per_class: the objective whose chunk a memory budget may choose (the official one fixes it).
+  kw = {"objective": "per_class", **kw}
+  return synthesis.RecoverOptions(iterations=20, steps_per_call=10, r_ce=0.1, lr=0.1, **kw)
 
 
 def _batches(images, labels, b):
@@ -197,6 +199,13 @@ def _worker_four(workdir: str) -> dict:
     x4r, _ = synthesis.recover(model, variables, targets, mesh=mesh, resume=resume, **rk)
   out["resumed"] = restored
   out["resume"] = _max_err(x4, x4r)
+  # The official objective couples a chunk's classes (one feature norm, class-mean BN term):
+  # chunks of 3 classes ([0, 1, 2] and [3, 4] padded), each split over the 4 devices.
+  rk_off = dict(rk, options=_recover_options(objective="official"), class_chunk=3)
+  xo1, ho1 = synthesis.recover(model, variables, targets, **rk_off)
+  xo4, ho4 = synthesis.recover(model, variables, targets, mesh=mesh, **rk_off)
+  out["recover_official"] = _max_err(xo1, xo4)
+  out["recover_official_history"] = _max_err(ho1, ho4)
   try:
     synthesis.choose_class_chunk(model, variables, targets, ipc=K, image_shape=SHAPE, mean=MEAN,
                                  std=STD, options=opts, memory_budget_bytes=1, mesh=mesh)
@@ -444,7 +453,8 @@ def _wait(workers, name: str, timeout: float = 600.0, marker: str | None = "RESU
 
 def test_four_devices_match_one_device(workers):
   r = _wait(workers, "four")
-  for name in ("stats", "features", "barycenter", "recover", "recover_history", "student"):
+  for name in ("stats", "features", "barycenter", "recover", "recover_history", "student",
+               "recover_official", "recover_official_history"):
     assert r[name] <= TOL, (name, r[name])
   # The chunk (5 classes -> 8) was split over the 4 devices, not replicated, at both blocks.
   assert r["recover_chunks"] == [[8, 4, False], [8, 4, False]]

@@ -108,7 +108,8 @@ def test_distill_script_debug_writes_metrics(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cmd = [sys.executable, os.path.join(root, "experiments", "distill.py"),
          "--config", os.path.join(root, "experiments", "configs", "digits.py"),
-         "--workdir", str(tmp_path), "--config.debug=True", "--config.ipc=2"]
+         "--workdir", str(tmp_path), "--config.debug=True", "--config.ipc=2",
+         "--config.recover.objective=official", "--config.recover.store=jpeg"]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / "metrics.json") as f:
@@ -116,3 +117,43 @@ def test_distill_script_debug_writes_metrics(tmp_path):
   for key in CONTRACT:
     assert key in metrics, key
   assert metrics["ipc"] == 2 and metrics["method"] == "wmdd"
+  # recover.store=jpeg: the set the student saw is exactly the decoded official-layout JPEGs.
+  from wmdd_jax import checkpoint, store
+  synset = checkpoint.load_synthetic_set(str(tmp_path / "synset"))
+  pixels, ids = store.read_image_folder(str(tmp_path / "syn_data"), channels=1)
+  assert list(ids) == list(range(10)) and pixels.shape[:2] == (10, 2)
+  np.testing.assert_array_equal(
+      synset.images, store.normalize_like_official(pixels, synset.mean, synset.std))
+  assert synset.config["objective"] == "official" and synset.config["store"] == "jpeg"
+
+
+def test_method_switches_set_the_official_table3_terms():
+  c = _config()
+  expected = {  # (feature term, BN statistics, CE weight, first-BN multiplier, layout)
+      "wmdd": ("barycenter", "class", 1.0, 1.0, "class"),  # data_synthesis_new.py --wb true
+      "ce_pcbn": ("none", "class", 1.0, 1.0, "class"),  # data_synthesis_new.py --wb false
+      "wass_bn": ("barycenter", "running", 0.0, 10.0, "slot"),  # data_synthesis.py --wb true
+      "sre2l": ("none", "running", 1.0, 10.0, "slot"),  # data_synthesis.py --wb false
+  }
+  assert set(expected) == set(pipeline.TABLE3_METHODS)
+  for method, terms in expected.items():
+    with c.unlocked():
+      c.method = method
+    o = pipeline.recover_options(c)
+    assert (o.feature_target, o.bn_stats, o.r_ce, o.first_bn_multiplier, o.layout) == terms
+    assert o.objective == "official"
+  # The per-class objective has no CE by default; explicit settings win over the method's.
+  with c.unlocked():
+    c.method = "wmdd"
+    c.recover.objective = "per_class"
+  assert pipeline.recover_options(c).r_ce == 0.0
+  with c.unlocked():
+    c.method = "sre2l"
+    c.recover.bn_stats = "global"
+    c.recover.first_bn_multiplier = 1.0
+  o = pipeline.recover_options(c)
+  assert (o.bn_stats, o.first_bn_multiplier, o.layout) == ("global", 1.0, "slot")
+  with c.unlocked():
+    c.recover.objective = "oficial"
+  with pytest.raises(ConfigError, match="objective"):
+    pipeline.run(c, "/tmp/never-used-wmdd", log=lambda *_: None)

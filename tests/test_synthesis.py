@@ -155,3 +155,82 @@ def test_global_bn_ignores_padding_repeats(teacher):
   grad = lambda x, ids: jax.grad(lambda x: f(x, ids)[0])(x)
   g, g_pad = grad(images, [0, 1, 2]), grad(padded, padded_ids)
   np.testing.assert_allclose(g_pad[:3], g, rtol=1e-4, atol=1e-6)
+
+
+def test_slot_layout_is_ipc_rounds_of_one_image_per_class(teacher):
+  # recover/data_synthesis.py: round j optimises image j of every class in one batch (here the
+  # running statistics couple the classes of the batch), from its own key; nothing else.
+  model, variables = teacher
+  t = _targets()
+  from wmdd_jax.models.base import running_statistics
+  rmean, rvar = running_statistics(model, variables, SHAPE)
+  t = t._replace(running_mean=rmean, running_var=rvar)
+  opts = RecoverOptions(iterations=3, steps_per_call=3, layout="slot", bn_stats="running",
+                        first_bn_multiplier=10.0, r_ce=1.0, feature_target="none")
+  seen = []
+  images, hist = _run(teacher, opts, targets=t,
+                      on_block=lambda i, st, m: seen.append((i, st.images.shape)))
+  assert images.shape == (C, K, *SHAPE)
+  # Each round is one batch of all C classes with one image each (chunk index j * C).
+  assert seen == [(j * C, (C, 1, *SHAPE)) for j in range(K)]
+  import dataclasses
+  inner = dataclasses.replace(opts, layout="class")
+  slot_key = jax.random.fold_in(jax.random.key(7), 2)
+  for j in range(K):
+    ref, _ = recover(model, variables, t._replace(features=t.features[:, j:j + 1]), ipc=1,
+                     image_shape=SHAPE, mean=MEAN, std=STD, options=inner,
+                     key=jax.random.fold_in(slot_key, j), progress=False)
+    np.testing.assert_array_equal(images[:, j], ref[:, 0])
+  assert np.all(np.isfinite(hist["loss"]))
+
+
+def test_official_objective_masks_padding_classes(teacher):
+  # A last chunk padded by repeating its last class has the loss and gradients of the unpadded
+  # chunk under the official (chunk-coupled) objective.
+  model, variables = teacher
+  opts = RecoverOptions(objective="official", r_ce=0.5, r_bn=2.0)
+  targets, images = _targets(), _images()
+  key = jax.random.key(3)
+  f = lambda x, ids: chunk_loss(x, variables, targets.take(np.asarray(ids)), jnp.asarray(ids),
+                                key, model=model, options=opts)[0]
+  padded = jnp.concatenate([images, images[2:], images[2:]])
+  np.testing.assert_allclose(f(padded, [0, 1, 2, 2, 2]), f(images, [0, 1, 2]), rtol=1e-6)
+  g = jax.grad(f)(images, [0, 1, 2])
+  g_pad = jax.grad(f)(padded, [0, 1, 2, 2, 2])
+  np.testing.assert_allclose(g_pad[:3], g, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(g_pad[3:], 0.0)
+
+
+def test_official_objective_equals_numpy_reference(teacher):
+  # The official chunk loss, transcribed in numpy on the tiny net: CE over the chunk, ONE
+  # Frobenius norm over the chunk's features, BN term = mean over classes, first layer x3.
+  model, variables = teacher
+  opts = RecoverOptions(objective="official", augment=False, r_bn=2.0, r_ce=0.7,
+                        first_bn_multiplier=3.0)
+  targets, images = _targets(), _images()
+  loss, _ = chunk_loss(images, variables, targets, jnp.arange(C), jax.random.key(0),
+                       model=model, options=opts)
+  feats, ces, bns = [], [], []
+  for c in range(C):
+    logits, f, bn_in = numpy_forward(variables, np.asarray(images[c]))
+    feats.append(f - np.asarray(targets.features[c]))
+    logp = logits - logits.max(1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+    ces.extend(-logp[:, c])
+    bn = 0.0
+    for layer, inp in enumerate(bn_in):
+      flat = inp.reshape(-1, inp.shape[-1])
+      term = (np.linalg.norm(flat.mean(0) - np.asarray(targets.bn_mean[layer][c]))
+              + np.linalg.norm(flat.var(0) - np.asarray(targets.bn_var[layer][c])))
+      bn += term * (3.0 if layer == 0 else 1.0)
+    bns.append(bn)
+  ref = 0.7 * np.mean(ces) + np.linalg.norm(np.stack(feats)) + 2.0 * np.mean(bns)
+  np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+
+
+def test_bad_recover_options_fail_on_construction():
+  from wmdd_jax import ConfigError
+  for bad in (dict(lr=-1.0), dict(r_bn=-1.0), dict(crop_scale=(1.0, 0.5)), dict(objective="x"),
+              dict(layout="rows"), dict(batch_size=0), dict(first_bn_multiplier=-2.0)):
+    with pytest.raises(ConfigError):
+      RecoverOptions(**bad)

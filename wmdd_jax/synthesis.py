@@ -535,11 +535,12 @@ def recover(
   if class_chunk < 0:
     raise ConfigError(f"recover class_chunk={class_chunk} must be >= 0 (0: the objective's "
                       "default, see RecoverOptions.batch_size).")
-  if memory_budget_bytes and (options.objective == "official" or options.layout == "slot"):
+  if memory_budget_bytes and (options.objective == "official" or options.layout == "slot"
+                              or options.bn_stats in ("running", "global")):
     raise ConfigError(
-        "memory_budget_bytes sizes the class chunk, which the official objective and the slot "
-        "layout fix (it is part of the loss); set class_chunk / recover.batch_size instead, or "
-        "use objective='per_class'.")
+        "memory_budget_bytes sizes the class chunk, which is part of the loss under the official "
+        "objective, the slot layout and chunk-wide BN statistics; set class_chunk / "
+        "recover.batch_size instead, or use objective='per_class' with bn_stats='class'.")
   if options.layout == "slot":
     return _recover_slots(model, variables, targets, ipc=ipc, image_shape=image_shape,
                           mean=mean, std=std, options=options, key=key,
@@ -562,8 +563,13 @@ def recover(
                                mean=mean, std=std, options=options,
                                memory_budget_bytes=memory_budget_bytes, mesh=mesh,
                                max_chunk=chunk, step=run.step)
+  # Which classes share a chunk is part of the loss unless classes are independent.
+  coupled = options.objective == "official" or options.bn_stats in ("running", "global")
+  width = chunk  # classes per compiled chunk (with padding)
   if mesh is not None:
-    chunk = parallel.padded_size(chunk, mesh.devices.size)
+    width = parallel.padded_size(chunk, mesh.devices.size)
+    if not coupled:
+      chunk = width  # independent classes: fill the padding with real classes instead
     variables = parallel.replicate(variables, mesh)
     init_key, aug_key = parallel.replicate((init_key, aug_key), mesh)
   images_out = np.zeros((num_classes, ipc, *image_shape), np.float32)
@@ -571,9 +577,10 @@ def recover(
   names = ("loss", "feature", "bn", "ce")
   chunk_count = -(-num_classes // chunk)
   history = {k: np.full((chunk_count, options.iterations), np.nan, np.float32) for k in names}
-  # The last chunk is padded with repeats of its last class so every chunk has one compiled
-  # shape; the repeats are dropped (classes are independent, so they change nothing).
-  chunks = [np.minimum(np.arange(s, s + chunk), num_classes - 1)
+  # Chunks of ``chunk`` classes, each padded to ``width`` with repeats of its last class so every
+  # chunk has one compiled shape (splitting evenly over the mesh); the loss masks the repeats
+  # out and their images are dropped.
+  chunks = [np.minimum(np.arange(s, s + width), min(s + chunk, num_classes) - 1)
             for s in range(0, num_classes, chunk)]
   # Per device: the teacher and the augmentation key (units only; else the default placement).
   placed = [(variables, aug_key) if d is None else jax.device_put((variables, aug_key), d)

@@ -28,7 +28,7 @@ Expected student top-1 (paper, ResNet-18): Table 1 IPC 1/10/50/100: 7.6 / 41.8 /
 Table 3 (IPC 10): Wass+PCBN 41.8, CE+PCBN 41.0, Wass+BN 36.6, CE+BN 38.0%. Teacher: the paper
 reports none (our estimate: roughly 55-65% val top-1).
 Runtime (estimates for one modern GPU, not measured yet): teacher many hours (156k steps of
-batch 32 at 224 px with 112 px feature maps after the stem); recover ~20 chunks x 2000 steps at
+batch 32 at 224 px with 114 px feature maps after the stem); recover ~20 chunks x 2000 steps at
 IPC 10 (about 1-2 h); student 300 epochs ~10 min at IPC 10. Not meant for CPU.
 """
 

@@ -8,7 +8,8 @@ exact order).
 
 Names and options:
   * ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``: ``stem`` ("imagenet" default,
-    "tiny", "cifar"), ``width`` (64), ``zero_init_residual`` (False), ``dtype`` (None).
+    "tiny", "cifar", "tiny_official"), ``width`` (64), ``zero_init_residual`` (False),
+    ``dtype`` (None).
   * ``convnet``: ``depth`` (3), ``width`` (128), ``dtype``; ``convnet_d3`` / ``convnet_d4`` fix
     the depth.
 
