@@ -73,6 +73,14 @@ def test_rerun_resumes_without_redoing_stages(wmdd_run):
   assert any("synthetic set: loaded" in str(x) for x in lines)
 
 
+def test_rerun_with_another_objective_refuses_the_saved_set(wmdd_run):
+  workdir, _ = wmdd_run
+  c = _config()
+  c.recover.objective = "per_class"
+  with pytest.raises(ConfigError, match="objective='official'.*new --workdir"):
+    pipeline.run(c, workdir, log=lambda *_: None)
+
+
 def test_random_baseline_reuses_teacher(wmdd_run, tmp_path):
   workdir, _ = wmdd_run
   c = _config("random")

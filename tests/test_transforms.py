@@ -234,3 +234,25 @@ def test_box_sampler_matches_reference_formula():
   y0 = int(np.floor(float(jax.random.uniform(k_y)) * (h - bh[i] + 1)))
   x0 = int(np.floor(float(jax.random.uniform(k_x)) * (w - bw[i] + 1)))
   assert np.asarray(T.sample_crop_box(key, (h, w))).tolist() == [y0, x0, bh[i], bw[i]]
+
+
+def test_crop_and_resize_and_eval_transform_match_torch_interpolate():
+  # torchvision on tensors: resized_crop = slice + interpolate(bilinear, antialias); Resize(s) +
+  # CenterCrop = interpolate of the whole image to (s, int(s * long / short)) + a centre slice.
+  torch = pytest.importorskip("torch")
+  F = torch.nn.functional
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 20, 14, 3)).astype(np.float32)
+  t = torch.tensor(x.transpose(0, 3, 1, 2))
+  ref = lambda r: r.numpy().transpose(0, 2, 3, 1)
+  for box, out, aa in [((3, 2, 9, 7), (16, 16), True), ((0, 1, 20, 12), (8, 6), True),
+                       ((0, 1, 20, 12), (8, 6), False), ((5, 0, 11, 14), (11, 14), True)]:
+    y0, x0, h, w = box
+    want = F.interpolate(t[:, :, y0:y0 + h, x0:x0 + w], size=out, mode="bilinear",
+                         align_corners=False, antialias=aa)
+    got = T.crop_and_resize(jnp.asarray(x), jnp.asarray(box), out, antialias=aa)
+    np.testing.assert_allclose(got, ref(want), atol=1e-5)
+  # Resize(10) + CenterCrop(8): 20x14 -> 14x10 (int(10 * 20 / 14) = 14), window from row 3.
+  want = F.interpolate(t, size=(14, 10), mode="bilinear", align_corners=False, antialias=True)
+  got = T.resize_center_crop(jnp.asarray(x), (8, 8), resize_shorter=10)
+  np.testing.assert_allclose(got, ref(want[:, :, 3:11, 1:9]), atol=1e-5)

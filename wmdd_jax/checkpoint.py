@@ -502,6 +502,12 @@ class RecoverCheckpointer:
       snapshot = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
       self._manager(chunk).save(step, args=ocp.args.StandardSave(snapshot))
       self._last_saved[chunk] = step
+      if step >= self.iterations:
+        # A finished chunk is not saved again: release its manager (ImageNet-scale runs have
+        # hundreds of chunks).
+        manager = self._managers.pop(chunk)
+        manager.wait_until_finished()
+        manager.close()
 
   def close(self) -> None:
     for manager in self._managers.values():

@@ -370,6 +370,23 @@ def _barycenters(config, features, num_classes, ipc, root, workdir, timings, log
   return bary
 
 
+def _check_synset(synset, config, path) -> None:
+  """A saved synthetic set is reused only for the method, IPC, objective and store it was made
+  with (sets saved before these were recorded skip the last two)."""
+  made = synset.config or {}
+  wanted = {"method": config.method, "ipc": int(config.ipc),
+            "objective": config.recover.get("objective", "official"),
+            "store": config.recover.get("store", "float")}
+  if config.method == "random":
+    wanted.pop("objective")
+  diff = [f"{k}={made[k]!r} (config: {v!r})" for k, v in wanted.items()
+          if k in made and made[k] != v]
+  if diff:
+    raise ConfigError(f"The synthetic set in {path} was made with " + ", ".join(diff)
+                      + ": use a new --workdir for this config, or delete the synset/ (and "
+                      "eval.json) to make it again.")
+
+
 def _random_real(dataset, split, ipc, key):
   """IPC seeded random real images per class, normalised: f32[C, ipc, H, W, ch]."""
   labels = dataset.labels(split)
@@ -390,8 +407,10 @@ def _random_real(dataset, split, ipc, key):
 def _synthesize(config, dataset, model, variables, workdir, root, timings, log, mesh=None):
   synset_path = os.path.join(workdir, "synset")
   if os.path.exists(synset_path):
+    synset = checkpoint.load_synthetic_set(synset_path)
+    _check_synset(synset, config, synset_path)
     log("synthetic set: loaded")
-    return checkpoint.load_synthetic_set(synset_path), None
+    return synset, None
   ipc, method = int(config.ipc), config.method
   c = dataset.num_classes
   uniform = np.full((c, ipc), 1.0 / ipc, np.float32)
@@ -454,8 +473,8 @@ def _synthesize(config, dataset, model, variables, workdir, root, timings, log, 
                                    class_ids=range(c), class_names=dataset.class_names,
                                    weights=weights, overwrite=True)
         parallel.sync_processes("syn_data")
-      log(f"synthetic set: stored as JPEG quality {config.recover.get('jpeg_quality', 75)} "
-          f"({os.path.join(workdir, 'syn_data')})")
+      log(f"synthetic set: stored as JPEG quality {config.recover.get('jpeg_quality', 75)}"
+          + (f" ({os.path.join(workdir, 'syn_data')})" if c <= 1000 else ""))
   synset = checkpoint.SyntheticSet(
       images, np.repeat(np.arange(c), ipc).reshape(c, ipc), weights, dataset.class_names,
       dataset.mean, dataset.std, {"method": method, "ipc": ipc, "seed": int(config.seed),
@@ -484,8 +503,10 @@ def _evaluate(config, dataset, teacher_model, teacher_vars, synset, workdir, roo
                                                        progress=_primary() and bool(
                                                            ev.get("progress", True))))
   images, _, weights = synset.flat()
-  if not config.eval.get("use_weights", True) or config.method not in ("wmdd", "wass_bn"):
-    weights = np.ones_like(weights)  # only barycenter methods have weights
+  barycentric = (config.method != "random"
+                 and recover_options(config).feature_target == "barycenter")
+  if not config.eval.get("use_weights", True) or not barycentric:
+    weights = np.ones_like(weights)  # only barycenter targets come with weights
   with _Timer(timings, "evaluate"):
     result = relabel.train_student(
         student, teacher_model, teacher_vars, images, weights,
@@ -528,7 +549,14 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
   if config.recover.get("store", "float") not in STORES:
     raise ConfigError(f"config.recover.store={config.recover.store!r} is not one of {STORES}.")
   if config.method != "random":
-    recover_options(config)  # a bad recover option fails here, before any stage runs
+    options = recover_options(config)  # a bad recover option fails here, before any stage
+    budget = int((config.get("parallel") or {}).get("memory_budget_bytes", 0) or 0)
+    if budget and (options.objective == "official" or options.layout == "slot"
+                   or options.bn_stats in ("running", "global")):
+      raise ConfigError(
+          "config.parallel.memory_budget_bytes sizes recover's class chunk, which is part of the "
+          f"loss for method {config.method!r} with objective {options.objective!r}; set "
+          "config.recover.class_chunk / batch_size instead, or objective='per_class'.")
   if not _primary():
     log = lambda *args, **kwargs: None  # noqa: E731 - one progress log, from process 0
   mesh = device_mesh(config)
@@ -574,7 +602,7 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
   panels = []
   if history is not None:
     steps = np.arange(1, len(history["loss"]) + 1)
-    panels.append(("recover loss terms (per class)",
+    panels.append(("recover loss (official: per chunk) and terms (per class)",
                    {k: (steps, history[k]) for k in ("loss", "feature", "bn", "ce")
                     if np.nanmax(np.abs(history[k]), initial=0) > 0}))
   hist = result.get("history", [])

@@ -365,10 +365,12 @@ def make_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: An
 
   ``run`` performs ``num_steps`` Adam steps (jitted, donating ``state``; one ``lax.scan`` when
   ``options.scan``), and returns the new state and per-step metrics {"loss": f32[n] the chunk's
-  total loss, "class_loss": f32[n, C], "feature": f32[n], "bn": f32[n], "ce": f32[n]} (the
-  unweighted terms averaged over the chunk's real classes), plus the unweighted terms per
-  class, "class_feature", "class_bn", "class_ce": f32[n, C]. ``run.step`` is the jitted single
-  step ``(state, variables, targets, class_ids, key) -> (state, metrics)``.
+  official loss (``objective="official"``) or the per-class loss averaged over the chunk's
+  classes (``"per_class"``), "class_loss": f32[n, C], "feature": f32[n], "bn": f32[n],
+  "ce": f32[n]} (the unweighted terms averaged over the chunk's real classes), plus the
+  unweighted terms per class, "class_feature", "class_bn", "class_ce": f32[n, C].
+  ``run.step`` is the jitted single step ``(state, variables, targets, class_ids, key) ->
+  (state, metrics)``.
 
   With a ``mesh`` the inputs are expected split along the class axis (:func:`shard_chunk`), the
   new state keeps that split (so the donated buffers are reused) and the metrics are replicated,
@@ -388,7 +390,9 @@ def make_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: An
     images = transforms.clip_to_valid(optax.apply_updates(state.images, updates), mean, std)
     real = first_occurrences(class_ids).astype(jnp.float32)
     mean_real = lambda a: jnp.sum(a) / jnp.sum(real)  # padding classes are 0 in aux
-    metrics = {"loss": aux["loss"], "class_loss": aux["class_loss"],
+    # "loss": the official chunk loss, or the per-class form's loss per class (its total / n).
+    loss = aux["loss"] if options.objective == "official" else aux["loss"] / jnp.sum(real)
+    metrics = {"loss": loss, "class_loss": aux["class_loss"],
                "feature": mean_real(aux["feature"]), "bn": mean_real(aux["bn"]),
                "ce": mean_real(aux["ce"]), "class_feature": aux["feature"],
                "class_bn": aux["bn"], "class_ce": aux["ce"]}
@@ -547,7 +551,7 @@ def recover(
                           class_chunk=class_chunk, initial_images=initial_images,
                           resume=resume, on_block=on_block, progress=progress, mesh=mesh,
                           units=units)
-  chunk = class_chunk or options.default_chunk(ipc, num_classes)
+  chunk = min(class_chunk or options.default_chunk(ipc, num_classes), num_classes)
   devices = [None]
   if units:
     if options.objective == "per_class" and options.bn_stats not in ("running", "global"):
@@ -624,6 +628,10 @@ def recover(
         if done < options.iterations:
           n = min(options.steps_per_call, options.iterations - done)
           teacher, key_d = placed[index % len(placed)]
+          if coupled:
+            # Chunks that are separate problems draw separate augmentations (the official
+            # code's global RNG moves on from one class batch to the next).
+            key_d = jax.random.fold_in(key_d, int(chunks[index][0]))
           live[index][0], pending[index] = run(state, teacher, chunk_targets, ids, key_d,
                                                num_steps=n)
       for index, metrics in pending.items():

@@ -208,6 +208,11 @@ def resize_center_crop(
 ) -> Array:
   """The evaluation transform: resize, then take the centre ``out_hw`` window.
 
+  torchvision's ``Resize(resize_shorter)`` + ``CenterCrop(out_hw)`` on a tensor: the whole
+  image is resized (bilinear, ``antialias``) so its shorter side is ``resize_shorter`` (the
+  longer one ``int(long * resize_shorter / short)``), then the window starting at
+  ``round((H_resized - H') / 2)`` is cut out.
+
   Args:
     image: f32[..., H, W, ch].
     out_hw: (H', W') wanted.
@@ -223,18 +228,21 @@ def resize_center_crop(
   out_h, out_w = out_hw
   if resize_shorter is None:
     s = max(out_h / height, out_w / width)
+    new_h, new_w = max(out_h, int(height * s + 1e-6)), max(out_w, int(width * s + 1e-6))
   else:
-    s = resize_shorter / min(height, width)
-  crop_h, crop_w = out_h / s, out_w / s
-  if crop_h > height + 1e-6 or crop_w > width + 1e-6:
+    short, long = min(height, width), max(height, width)
+    new_short, new_long = int(resize_shorter), int(resize_shorter * long / short)
+    new_h, new_w = (new_short, new_long) if height <= width else (new_long, new_short)
+  if new_h < out_h or new_w < out_w:
     raise ConfigError(
         f"resize_shorter={resize_shorter} makes a {height}x{width} image smaller than the "
         f"{out_h}x{out_w} crop; use resize_shorter >= {max(out_hw)} or None."
     )
-  if (crop_h, crop_w) == (height, width):
+  if (new_h, new_w) == (height, width) == (out_h, out_w):
     return image.astype(jnp.float32)
-  box = ((height - crop_h) / 2, (width - crop_w) / 2, crop_h, crop_w)
-  return crop_and_resize(image, box, out_hw, antialias=antialias)
+  resized = crop_and_resize(image, (0, 0, height, width), (new_h, new_w), antialias=antialias)
+  top, left = int(round((new_h - out_h) / 2.0)), int(round((new_w - out_w) / 2.0))
+  return resized[..., top:top + out_h, left:left + out_w, :]
 
 
 @_jit_static("hw", "scale", "ratio")
