@@ -165,3 +165,26 @@ def test_method_switches_set_the_official_table3_terms():
     c.recover.objective = "oficial"
   with pytest.raises(ConfigError, match="objective"):
     pipeline.run(c, "/tmp/never-used-wmdd", log=lambda *_: None)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("ipc", 0, "ipc=0 must be an int >= 1"),
+    ("ipc", 10_000, "exceeds the"),
+    ("eval.lr", -1.0, "StudentOptions"),
+    ("eval.model", "resnet7", "Unknown model"),
+    ("teacher.epochs", 0, "TeacherConfig"),
+    ("recover.iterations", 0, "iterations"),
+    ("recover.feature_target", "barycentre", "feature_target"),
+])
+def test_bad_config_fails_before_any_stage(tmp_path, field, value, match):
+  import time
+
+  c = _config()
+  with c.unlocked():
+    section, _, name = field.rpartition(".")
+    (c[section] if section else c)[name] = value
+  start = time.perf_counter()
+  with pytest.raises(ConfigError, match=match):
+    pipeline.run(c, str(tmp_path), log=lambda *_: None)
+  assert time.perf_counter() - start < 5
+  assert not os.path.exists(tmp_path / "teacher")

@@ -269,6 +269,33 @@ def _teacher(config, dataset, workdir, root, timings, log, mesh=None):
   return model, variables, meta
 
 
+def validate(config: Any, dataset: Any) -> None:
+  """Checks every stage's options against each other and the dataset, before any compute.
+
+  Raises:
+    ConfigError: naming the field, its value and the fix.
+  """
+  ipc = config.ipc
+  if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
+    raise ConfigError(f"config.ipc={ipc!r} must be an int >= 1 (images per class).")
+  split = _split(config, "train")
+  counts = list(dataset.class_counts(split))
+  smallest = int(min(counts)) if counts else 0
+  if ipc > smallest:
+    c = int(np.argmin(counts))
+    raise ConfigError(f"config.ipc={ipc} exceeds the {smallest} {split} images of class {c} "
+                      f"({dataset.class_names[c]}); use ipc <= {smallest}.")
+  if not (config.teacher.get("checkpoint") and os.path.exists(config.teacher.checkpoint)):
+    train_lib.TeacherConfig(**_dataclass_kwargs(train_lib.TeacherConfig, config.teacher,
+                                                seed=int(config.seed)))
+  ev = config.eval
+  relabel.StudentOptions(**_dataclass_kwargs(relabel.StudentOptions, ev, seed=int(config.seed)))
+  student_name = ev.get("model") or config.teacher.model
+  student_opts = _to_dict(ev.get("model_options")) if ev.get("model") else _to_dict(
+      config.teacher.get("model_options"))
+  get_model(student_name, dataset.num_classes, **student_opts)
+
+
 def _check_teacher_meta(meta, config, dataset, path) -> None:
   """A loaded teacher must be the model the config names, for this dataset's classes and input."""
   problems = []
@@ -579,6 +606,7 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
       timings = json.load(f)
   root = jax.random.key(int(config.seed))
   dataset = open_dataset(config.dataset.spec, **_to_dict(config.dataset.get("options")))
+  validate(config, dataset)
   try:
     model, variables, meta = _teacher(config, dataset, workdir, root, timings, log, mesh)
     _write_timings(timings_path, timings)
@@ -633,5 +661,5 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
 
 
 __all__ = ["MESH_MODES", "METHODS", "METHOD_SETTINGS", "STORES", "TABLE3_METHODS",
-           "default_config", "device_mesh", "recover_options", "run",
+           "default_config", "validate", "device_mesh", "recover_options", "run",
            "stage_key", "work_units"]
