@@ -576,7 +576,7 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
   if config.recover.get("store", "float") not in STORES:
     raise ConfigError(f"config.recover.store={config.recover.store!r} is not one of {STORES}.")
   if config.method != "random":
-    options = recover_options(config)  # a bad recover option fails here, before any stage
+    options = recover_options(config)  # a bad recover option fails here, before any stage runs
     budget = int((config.get("parallel") or {}).get("memory_budget_bytes", 0) or 0)
     if budget and (options.objective == "official" or options.layout == "slot"
                    or options.bn_stats in ("running", "global")):
