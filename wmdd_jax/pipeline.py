@@ -578,8 +578,7 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True) -> dict[
   if config.method != "random":
     options = recover_options(config)  # a bad recover option fails here, before any stage runs
     budget = int((config.get("parallel") or {}).get("memory_budget_bytes", 0) or 0)
-    if budget and (options.objective == "official" or options.layout == "slot"
-                   or options.bn_stats in ("running", "global")):
+    if budget and options.couples_classes:
       raise ConfigError(
           "config.parallel.memory_budget_bytes sizes recover's class chunk, which is part of the "
           f"loss for method {config.method!r} with objective {options.objective!r}; set "

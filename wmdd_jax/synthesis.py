@@ -165,6 +165,12 @@ class RecoverOptions:
       raise ConfigError(f"recover crop_scale={self.crop_scale} must be (lo, hi) with "
                         "0 < lo <= hi <= 1, e.g. (0.08, 1.0).")
 
+  @property
+  def couples_classes(self) -> bool:
+    """Whether which classes share a chunk is part of the loss (so the chunk is not free)."""
+    return (self.objective == "official" or self.layout == "slot"
+            or self.bn_stats in ("running", "global"))
+
   def default_chunk(self, ipc: int, num_classes: int) -> int:
     """Classes per chunk when :func:`recover` is given no ``class_chunk`` (see batch_size)."""
     if self.layout == "slot":
@@ -515,7 +521,8 @@ def recover(
       classes) whose compiled step needs at most this many bytes per device
       (:func:`choose_class_chunk`).
     units: N > 0: deterministic work units (:mod:`wmdd_jax.units`): the classes are cut into
-      chunks of ceil(C / N) classes (at most ``class_chunk``), each optimised by the
+      chunks of ceil(C / N) classes (at most ``class_chunk``; when the loss couples classes,
+      ``options.couples_classes``, the chunk stays as the objective sets it), each optimised by the
       single-device program on device ``chunk % D`` of the mesh, D chunks at a time: the result
       is bit-identical for any device count. 0: each chunk split over the mesh by XLA.
 
@@ -539,8 +546,7 @@ def recover(
   if class_chunk < 0:
     raise ConfigError(f"recover class_chunk={class_chunk} must be >= 0 (0: the objective's "
                       "default, see RecoverOptions.batch_size).")
-  if memory_budget_bytes and (options.objective == "official" or options.layout == "slot"
-                              or options.bn_stats in ("running", "global")):
+  if memory_budget_bytes and options.couples_classes:
     raise ConfigError(
         "memory_budget_bytes sizes the class chunk, which is part of the loss under the official "
         "objective, the slot layout and chunk-wide BN statistics; set class_chunk / "
@@ -554,7 +560,7 @@ def recover(
   chunk = min(class_chunk or options.default_chunk(ipc, num_classes), num_classes)
   devices = [None]
   if units:
-    if options.objective == "per_class" and options.bn_stats not in ("running", "global"):
+    if not options.couples_classes:
       # Classes are independent: any chunking gives the same result, so one chunk per unit.
       chunk = min(chunk, -(-num_classes // units))
     devices = units_lib.devices_of(mesh)
@@ -568,7 +574,7 @@ def recover(
                                memory_budget_bytes=memory_budget_bytes, mesh=mesh,
                                max_chunk=chunk, step=run.step)
   # Which classes share a chunk is part of the loss unless classes are independent.
-  coupled = options.objective == "official" or options.bn_stats in ("running", "global")
+  coupled = options.couples_classes
   width = chunk  # classes per compiled chunk (with padding)
   if mesh is not None:
     width = parallel.padded_size(chunk, mesh.devices.size)
