@@ -14,24 +14,24 @@ through ``class_barycenters``' CPU default (one class at a time in the unbatched
 and ours alternate class by class and each time is the best of ``--repeats`` runs, because this
 machine is shared and its load varies; the load average is recorded with the results.
 
-Run:  .venv/bin/python bench/barycenter.py          (about 1 minute on 2 CPU cores)
-Writes bench/results/barycenter.json and prints a table.
+    .venv/bin/python -m bench.barycenter                                         # the setting above
+    .venv/bin/python -m bench.barycenter --classes 2 --n 500 --repeats 1 --out /tmp/b.json  # smoke
+
+Writes bench/results/barycenter.json and prints a table; the figures are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import ot
 
+from bench.common import RESULTS_DIR, machine, write_result
 from wmdd_jax.barycenter import class_barycenters, free_support_barycenter
 
 
@@ -61,27 +61,6 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
   return min(times), out
 
 
-def machine_info() -> dict:
-  model = platform.processor()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return {
-      "platform": platform.platform(),
-      "cpu": model,
-      "cpu_count": os.cpu_count(),
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "jax_devices": [str(d) for d in jax.devices()],
-      "pot": ot.__version__,
-      "numpy": np.__version__,
-  }
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--classes", type=int, default=10)
@@ -90,7 +69,7 @@ def main() -> None:
   parser.add_argument("--k", type=int, default=50)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "barycenter.json"))
+  parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "barycenter.json"))
   args = parser.parse_args()
   c_num, n, d, k = args.classes, args.n, args.d, args.k
   load_before = os.getloadavg()
@@ -206,21 +185,17 @@ def main() -> None:
           "ours": "wmdd_jax.barycenter defaults (float32, jitted; times after compilation)",
           "w2": "ot.emd2 (exact, float64) against the uniform measure on the class's points",
       },
-      "machine": {
-          **machine_info(),
-          "load_average_before": load_before,
-          "load_average_after": os.getloadavg(),
-          "note": "shared machine: POT and ours alternate per class; best of repeats",
-      },
       "summary": summary,
       "per_class": rows,
+      "machine": machine(
+          pot=ot.__version__, load_average_before=load_before,
+          note="shared machine: POT and ours alternate per class; best of repeats"),
   }
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2) + "\n")
+  write_result(args.out, result)
+  info = result["machine"]
 
   print()
-  print(f"n={n} d={d} k={k}, {c_num} classes, {machine_info()['cpu']} x{os.cpu_count()}")
+  print(f"n={n} d={d} k={k}, {c_num} classes, {info['cpu_model']} x{info['cpu_count']}")
   print(f"{'method':40s} {'s/class':>9s} {'speedup':>8s} {'W2^2/POT':>9s}")
   print(f"{'POT exact LP (random normal init)':40s} {pot_med:9.3f} {1.0:8.1f} {1.0:9.4f}")
   print(
@@ -246,7 +221,6 @@ def main() -> None:
       f"W2^2 ratio max {summary['w2_ratio_max']:.4f}; load {load_before[0]:.1f} -> "
       f"{os.getloadavg()[0]:.1f}"
   )
-  print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -38,13 +38,11 @@ from typing import Any
 
 import jax
 
-from bench.common import machine, write_result
+from bench.common import RESULTS_DIR, ROOT, machine, write_result
 from wmdd_jax import pipeline
 from wmdd_jax.data import open_dataset
 from wmdd_jax.errors import ConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 RUNS_DIR = os.path.join(ROOT, "bench", "runs", "paper_table")
 
 TABLES = (1, 3)
@@ -321,7 +319,8 @@ def _result(table, config, config_name, key, methods, ipcs, seeds, cells, out, t
                      "test_top1", "test_top5", "best_top1", "best_top5", "teacher_top1",
                      "seconds", "wall_s", "backend", "devices")}}
                 for (m, k, s) in sorted(cells, key=lambda c: (c[1], methods.index(c[0]), c[2]))],
-      "command": command, "config_values": json.loads(config.to_json_best_effort()),
+      "script": "bench/paper_table.py", "command": command,
+      "config_values": json.loads(config.to_json_best_effort()),
       "total_wall_s": round(wall_s, 3), "machine": machine(),
   }
   result["markdown"] = markdown(result)

@@ -1,227 +1,161 @@
-"""Benchmark: the recover step's core, forward + backward w.r.t. the images.
+"""Benchmark: the recover loss's forward + backward w.r.t. the images, under XLA variants.
 
-    .venv/bin/python bench/step.py                      # every variant, each in a fresh process
-    .venv/bin/python bench/step.py --variants=baseline,bf16 --steps=10
-    .venv/bin/python bench/step.py --variant=baseline   # one variant in this process (prints JSON)
+    .venv/bin/python -m bench.step                      # every default variant, fresh processes
+    .venv/bin/python -m bench.step --variants=baseline,bf16 --steps=10
+    .venv/bin/python -m bench.step --variant=baseline   # one variant in this process (prints JSON)
+    .venv/bin/python -m bench.step --variants=baseline --steps=1 --out=/tmp/s.json   # smoke
 
-Workload: ResNet-18 (cifar stem, torchvision topology), batch 100 of 32x32x3, eval-mode BN, one
-:func:`wmdd_jax.models.apply_model` pass capturing every BN input's moments, and a WMDD-style loss
-of logits (CE), features (||F - B||) and pooled BN statistics (sum of ||mu - mu*|| + ||var -
-var*||); the gradient is taken w.r.t. the images only. Each variant runs in its own process (XLA
-flags must be set before JAX starts), compiles, warms up twice, then times ``--steps`` steps; the
-median is reported. Uses the default backend, so it runs unchanged on a GPU. Results go to
-``bench/results/step.json`` with the machine; this machine is shared, so compare medians of one
-run only. Reference on the 2-core CPU this was written on: PyTorch 2.13 channels_last 1441 ms,
-naive jitted Flax 2206-2327 ms.
+Workload: the library's recover loss, :func:`wmdd_jax.recover.chunk_loss` (default
+:class:`~wmdd_jax.recover.RecoverOptions`: official objective, per-class BN statistics; no
+augmentation unless the variant says so) on a chunk of ``--classes`` x ``--ipc`` images of
+32x32x3 (10 x 10 = 100 by default), a ResNet-18 teacher (cifar stem) in eval mode and random but
+well-shaped targets; the gradient is taken w.r.t. the images only. The ``update_step`` variants
+time the whole step instead, :func:`wmdd_jax.recover.make_update_fn`'s ``step`` (augmentation,
+loss, Adam, clipping, the state donated).
 
-What was found there (bench/results/step*.json): XLA:CPU (jax 0.10) hands these convolutions
-to YNNPACK, which keeps only ~1.4 of the 2 cores busy; compiling the step without it
-(``compile(compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})``, or the same flag in
-XLA_FLAGS) uses both cores for about the same CPU time and brought the step from ~2.1-2.9 s to
-~1.43-1.58 s, on par with PyTorch. Beyond that nothing measurably helped: one-pass moments,
-donation, bf16 compute (no faster on this CPU), oneDNN/XNNPACK convolutions, splitting the batch
-over 2 host devices; skipping the BN capture altogether saves only ~5-10%. (A ConvNet teacher's
-train step is ~10% *slower* without YNNPACK, so this is a per-executable choice.) On an H200:
-2.4 ms, bf16 1.7 ms.
+Each variant runs in its own process (XLA flags must be set before JAX starts), compiles, warms
+up twice, then times ``--steps`` steps; the median is reported, with the process's CPU time per
+step (less sensitive to other jobs on a shared machine). ``--rounds N`` interleaves N passes
+over the variants and keeps each one's least disturbed round. Uses the default backend, so it
+runs unchanged on a GPU (there pass ``--variants=baseline,no_bn_term,augment,update_step,bf16``;
+the rest are XLA:CPU options). Results go to ``bench/results/step.json`` (``step_<backend>.json``
+off CPU) with the machine; the figures and what was learnt from them are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench.common import RESULTS_DIR, ROOT, machine, write_result
+
+_NO_YNN = "--xla_cpu_experimental_ynn_fusion_type="
+_TWO_DEVICES = "--xla_force_host_platform_device_count=2"
 
 # name -> (extra XLA flags, options for run_variant, description)
 VARIANTS: dict[str, tuple[str, dict, str]] = {
-    "baseline": ("", {}, "jit(grad) of the loss through apply_model (two-pass per-sample moments)"),
-    "no_capture": ("", {"stats": "none"},
-                   "lower bound: BN moments not captured, loss uses logits and features only"),
-    "onepass_stats": ("", {"stats": "onepass"},
-                      "moments from E[x], E[x^2] in one pass (intercepted BN inputs)"),
-    "twopass_intercept": ("", {"stats": "twopass"},
-                          "the baseline's moments, computed from intercepted BN inputs"),
-    "donate": ("", {"donate": True},
-               "step returns x - lr * grad with the image buffer donated"),
+    "baseline": ("", {}, "jit(value_and_grad) of recover.chunk_loss w.r.t. the images"),
+    "no_bn_term": ("", {"recover": {"bn_stats": "none"}},
+                   "lower bound: the loss without its BN-statistics term"),
+    "augment": ("", {"recover": {"augment": True}},
+                "the loss of augmented images (crop, flip, jitter), as recover runs it"),
+    "update_step": ("", {"update": True},
+                    "one whole recover step, make_update_fn(...).step (augmentation, loss, Adam, "
+                    "clipping; state donated)"),
     "bf16": ("", {"dtype": "bfloat16"}, "bfloat16 convs/BN compute, float32 params and outputs"),
-    "two_devices": ("--xla_force_host_platform_device_count=2", {"devices": 2},
-                    "2 host devices, batch sharded 2 x 50 (classes are independent in recover)"),
+    "two_devices": (_TWO_DEVICES, {"devices": 2},
+                    "2 host devices, the chunk's classes split over them"),
     "eigen_single_thread": ("--xla_cpu_multi_thread_eigen=false", {},
                             "XLA:CPU without Eigen intra-op threads"),
     "two_devices_single_thread": (
-        "--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false",
-        {"devices": 2}, "2 host devices x 1 thread each, batch sharded 2 x 50"),
+        _TWO_DEVICES + " --xla_cpu_multi_thread_eigen=false", {"devices": 2},
+        "2 host devices x 1 thread each, the chunk's classes split over them"),
     "fast_math": ("--xla_cpu_enable_fast_math=true", {}, "XLA:CPU fast math"),
-    "no_ynn": ("--xla_cpu_experimental_ynn_fusion_type=", {},
+    "no_ynn": (_NO_YNN, {},
                "XLA:CPU convolutions not offloaded to YNNPACK (XLA's own conv runtime)"),
-    "no_ynn_onednn": ("--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true", {},
-                      "no YNNPACK, oneDNN enabled"),
+    "no_ynn_onednn": (_NO_YNN + " --xla_cpu_use_onednn=true", {}, "no YNNPACK, oneDNN enabled"),
     "no_ynn_per_jit": ("", {"compiler_options": {"xla_cpu_experimental_ynn_fusion_type": ""}},
                        "as no_ynn, but set for this one executable via compile(compiler_options=)"
                        " instead of the process-wide XLA_FLAGS"),
-    "no_ynn_no_capture": ("--xla_cpu_experimental_ynn_fusion_type=", {"stats": "none"},
-                          "no_ynn + BN moments not captured (lower bound)"),
-    "no_ynn_onepass": ("--xla_cpu_experimental_ynn_fusion_type=", {"stats": "onepass"},
-                       "no_ynn + one-pass moments"),
-    "no_ynn_donate": ("--xla_cpu_experimental_ynn_fusion_type=", {"donate": True},
-                      "no_ynn + donated image update"),
-    "no_ynn_two_devices": (
-        "--xla_cpu_experimental_ynn_fusion_type= --xla_force_host_platform_device_count=2",
-        {"devices": 2}, "no_ynn + 2 host devices, batch sharded 2 x 50"),
-    "no_ynn_bf16": ("--xla_cpu_experimental_ynn_fusion_type=", {"dtype": "bfloat16"},
-                    "no_ynn + bfloat16 compute"),
-    "xnn_conv": ("--xla_cpu_experimental_ynn_fusion_type= "
-                 "--xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+    "no_ynn_no_bn_term": (_NO_YNN, {"recover": {"bn_stats": "none"}},
+                          "no_ynn + the loss without its BN term (lower bound)"),
+    "no_ynn_update_step": (_NO_YNN, {"update": True}, "no_ynn + the whole recover step"),
+    "no_ynn_two_devices": (_NO_YNN + " " + _TWO_DEVICES, {"devices": 2},
+                           "no_ynn + 2 host devices, the chunk's classes split over them"),
+    "no_ynn_bf16": (_NO_YNN, {"dtype": "bfloat16"}, "no_ynn + bfloat16 compute"),
+    "xnn_conv": (_NO_YNN + " --xla_cpu_experimental_xnn_fusion_type="
+                 "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
                  {}, "convolutions through XNNPACK instead of YNNPACK"),
 }
 
-
-# The default list: every variant except XLA:CPU threading knobs seen not to help. On a GPU pass
-# --variants=baseline,no_capture,onepass_stats,twopass_intercept,donate,bf16 (the rest are
-# XLA:CPU options).
+# The default list: every variant except XLA:CPU threading knobs seen not to help.
 DEFAULT_VARIANTS = (
-    "baseline", "no_ynn", "no_ynn_per_jit", "no_capture", "onepass_stats", "twopass_intercept",
-    "donate", "bf16", "two_devices", "no_ynn_two_devices", "no_ynn_onepass", "no_ynn_donate",
-    "no_ynn_bf16", "no_ynn_onednn", "xnn_conv")
+    "baseline", "no_ynn", "no_ynn_per_jit", "no_bn_term", "augment", "update_step", "bf16",
+    "two_devices", "no_ynn_two_devices", "no_ynn_update_step", "no_ynn_bf16", "no_ynn_onednn",
+    "xnn_conv")
 
 
-def machine() -> dict:
-  import jax
-
-  return {
-      "backend": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()],
-      "device_kind": jax.devices()[0].device_kind,
-      "cpu_count": os.cpu_count(),
-      "processor": platform.processor() or platform.machine(),
-      "load_average": os.getloadavg(),
-      "jax": jax.__version__,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-  }
-
-
-def run_variant(name: str, steps: int, batch: int, options: dict) -> dict:
+def run_variant(name: str, steps: int, classes: int, ipc: int, options: dict) -> dict:
   """Builds, compiles and times one variant in this process."""
-  import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  import numpy as np
-  import optax
-  from jax.sharding import Mesh, NamedSharding
-  from jax.sharding import PartitionSpec as P
 
-  sys.path.insert(0, ROOT)
-  from wmdd_jax.models import (
-      CapturingBatchNorm,
-      apply_model,
-      get_model,
-      init_model,
-      pool_moments,
-  )
+  from bench.common import random_recover_targets
+  from wmdd_jax import recover as recover_lib
+  from wmdd_jax.distributed import sharding
+  from wmdd_jax.models import get_model, init_model
 
-  stats = options.get("stats", "apply_model")
-  model = get_model("resnet18", 100, stem="cifar", dtype=options.get("dtype"))
-  variables = init_model(model, jax.random.key(0), (32, 32, 3))
-  k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
-  images = jax.random.normal(k1, (batch, 32, 32, 3), jnp.float32)
-  labels = jnp.arange(batch) % 100
-  target_features = jax.random.normal(k2, (batch, 512)) * 0.1
-  num_bn = 20
+  shape = (32, 32, 3)
+  mean, std = (0.5,) * 3, (0.25,) * 3
+  model = get_model("resnet18", classes, stem="cifar", dtype=options.get("dtype"))
+  variables = init_model(model, jax.random.key(0), shape)
+  targets = jax.tree.map(jnp.asarray,
+                         random_recover_targets(model, variables, classes, ipc, shape))
+  recover_options = recover_lib.RecoverOptions(**{"augment": False, **options.get("recover", {})})
+  ids = jnp.arange(classes, dtype=jnp.int32)
+  images = recover_lib.init_images(jax.random.key(1), ids, ipc, shape)
+  key = jax.random.key(2)
 
-  def moments_from_inputs(inputs, onepass):
-    means, variances = [], []
-    for x in inputs:
-      x = x.astype(jnp.float32)
-      if onepass:
-        m = jnp.mean(x, axis=(1, 2))
-        v = jnp.maximum(jnp.mean(jnp.square(x), axis=(1, 2)) - jnp.square(m), 0.0)
-      else:
-        m = jnp.mean(x, axis=(1, 2))
-        v = jnp.mean(jnp.square(x - m[:, None, None, :]), axis=(1, 2))
-      means.append(m)
-      variances.append(v)
-    return means, variances
-
-  def forward(x):
-    if stats == "apply_model":
-      out = apply_model(model, variables, x)
-      return out.logits, out.features, out.bn_mean, out.bn_var
-    if stats == "none":
-      out = apply_model(model, variables, x, capture_bn=False)
-      return out.logits, out.features, (), ()
-    inputs = []
-
-    def record(next_fun, args, kwargs, context):
-      if isinstance(context.module, CapturingBatchNorm) and context.method_name == "__call__":
-        inputs.append(args[0])
-      return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-      out = apply_model(model, variables, x, capture_bn=False)
-    means, variances = moments_from_inputs(inputs, stats == "onepass")
-    return out.logits, out.features, means, variances
-
-  def loss_fn(x):
-    logits, features, means, variances = forward(x)
-    loss = jnp.linalg.norm(features - target_features)
-    loss += jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-    for m, v in zip(means, variances):
-      mu, var = pool_moments(m, v)
-      loss += 0.01 * (jnp.linalg.norm(mu) + jnp.linalg.norm(var - 1.0))
-    return loss
-
-  if options.get("donate"):
-    step = jax.jit(lambda x: x - 0.1 * jax.grad(loss_fn)(x), donate_argnums=0)
+  update = options.get("update", False)
+  if update:
+    step = recover_lib.make_update_fn(model, recover_options, mean, std).step
+    first = recover_lib.init_state(images, recover_options)
   else:
-    step = jax.jit(jax.value_and_grad(loss_fn))
+    loss = functools.partial(recover_lib.chunk_loss, model=model, options=recover_options)
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    first = images
   n_dev = options.get("devices", 1)
   if n_dev > 1:
-    mesh = Mesh(np.asarray(jax.devices()[:n_dev]), ("batch",))
-    shard = NamedSharding(mesh, P("batch"))
-    images = jax.device_put(images, shard)
-    labels = jax.device_put(labels, shard)
-    target_features = jax.device_put(target_features, shard)
-    variables = jax.device_put(variables, NamedSharding(mesh, P()))
+    mesh = sharding.make_mesh(jax.devices()[:n_dev])
+    split = sharding.class_sharding(mesh)
+    first, ids = jax.device_put((first, ids), split)
+    targets = targets._replace(features=jax.device_put(targets.features, split),
+                               bn_mean=jax.device_put(targets.bn_mean, split),
+                               bn_var=jax.device_put(targets.bn_var, split))
+    variables = sharding.replicate(variables, mesh)
 
   t0 = time.perf_counter()
-  compiled = step.lower(images).compile(compiler_options=options.get("compiler_options"))
+  compiled = step.lower(first, variables, targets, ids, key).compile(
+      compiler_options=options.get("compiler_options"))
   compile_s = time.perf_counter() - t0
-  x = images
+  x = first
   times, cpu_times = [], []
   for i in range(steps + 2):
     t, c = time.perf_counter(), time.process_time()
-    out = compiled(x)
+    out = compiled(x, variables, targets, ids, key)
     jax.block_until_ready(out)
     if i >= 2:
       times.append(time.perf_counter() - t)
       # CPU seconds of this process (all threads): less sensitive to other jobs on the machine
       # than wall time, though spinning worker threads count too.
       cpu_times.append(time.process_time() - c)
-    if options.get("donate"):
-      x = out
-  result = {
+    if update:
+      x = out[0]  # the donated state is consumed: carry the new one
+  if update:
+    value, grad_finite = out[1]["loss"], None
+  else:
+    (value, _), grad = out
+    grad_finite = bool(jnp.all(jnp.isfinite(grad)))
+  return {
       "variant": name,
       "median_ms": 1000 * statistics.median(times),
       "min_ms": 1000 * min(times),
       "max_ms": 1000 * max(times),
       "median_cpu_ms": 1000 * statistics.median(cpu_times),
       "steps": steps,
-      "batch": batch,
+      "classes": classes,
+      "ipc": ipc,
       "compile_s": compile_s,
-      "bn_layers": num_bn,
+      "loss": float(value),
+      "grad_finite": grad_finite,
       "machine": machine(),
   }
-  if not options.get("donate"):
-    loss, grad = out
-    result["loss"] = float(loss)
-    result["grad_finite"] = bool(jnp.all(jnp.isfinite(grad)))
-  return result
 
 
 def _run_subprocess(name: str, args: argparse.Namespace) -> dict:
@@ -229,10 +163,11 @@ def _run_subprocess(name: str, args: argparse.Namespace) -> dict:
   flags, _, description = VARIANTS[name]
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-  cmd = [sys.executable, os.path.abspath(__file__), f"--variant={name}",
-         f"--steps={args.steps}", f"--batch={args.batch}"]
+  cmd = [sys.executable, "-m", "bench.step", f"--variant={name}", f"--steps={args.steps}",
+         f"--classes={args.classes}", f"--ipc={args.ipc}"]
   try:
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=args.timeout)
     lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
     if run.returncode != 0 or not lines:
       result = {"variant": name, "error": run.stderr[-1500:]}
@@ -251,21 +186,26 @@ def main(argv=None) -> None:
   parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                       help="comma-separated variants to run, each in a subprocess")
   parser.add_argument("--steps", type=int, default=12)
-  parser.add_argument("--batch", type=int, default=100)
+  parser.add_argument("--classes", type=int, default=10, help="classes in the chunk")
+  parser.add_argument("--ipc", type=int, default=10, help="images per class")
   parser.add_argument("--rounds", type=int, default=1,
                       help="run the variant list this many times, interleaved; each variant "
                       "reports its best (least disturbed) round")
   parser.add_argument("--timeout", type=int, default=600, help="seconds per variant")
-  parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "step.json"))
+  parser.add_argument("--out", default="", help="default bench/results/step[_<backend>].json")
   args = parser.parse_args(argv)
 
   if args.variant:
     _, options, _ = VARIANTS[args.variant]
-    print("RESULT " + json.dumps(run_variant(args.variant, args.steps, args.batch, options)))
+    print("RESULT " + json.dumps(run_variant(args.variant, args.steps, args.classes, args.ipc,
+                                             options)))
     return
 
   runs: dict[str, list[dict]] = {}
   names = [n for n in args.variants.split(",") if n]
+  unknown = [n for n in names if n not in VARIANTS]
+  if unknown:
+    parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
   for round_index in range(args.rounds):
     for name in names:  # interleaved rounds: drift on a shared machine hits every variant
       result = _run_subprocess(name, args)
@@ -285,19 +225,16 @@ def main(argv=None) -> None:
     for r in results:
       if "median_ms" in r:
         r["speedup_vs_baseline"] = baseline["median_ms"] / r["median_ms"]
-  out = {
+  info = machine()
+  out = args.out or os.path.join(
+      RESULTS_DIR, "step.json" if info["backend"] == "cpu" else f"step_{info['backend']}.json")
+  write_result(out, {
       "benchmark": "step",
-      "workload": f"ResNet-18 (cifar stem), batch {args.batch}, 32x32x3, eval BN, apply_model "
-                  "with BN moments, grad w.r.t. images",
-      "reference_cpu_ms": {"pytorch_2.13_channels_last": 1441, "flax_naive_jit": [2206, 2327],
-                           "machine": "the 2-core AMD EPYC CPU of the project's dev machine"},
+      "workload": f"wmdd_jax.recover.chunk_loss and its gradient w.r.t. the images: ResNet-18 "
+                  f"(cifar stem, eval BN), {args.classes} classes x IPC {args.ipc}, 32x32x3",
       "results": results,
-      "machine": machine(),
-  }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=1)
-  print(f"wrote {args.out}")
+      "machine": info,
+  })
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """Benchmark: train a ConvNet-D3 teacher on Fashion-MNIST (and optionally a ResNet-18).
 
-    .venv/bin/python -m bench.teacher                    # ConvNet-D3, ~15 min on 2 idle cores
+    .venv/bin/python -m bench.teacher                    # ConvNet-D3 (docs/benchmarks.md: time)
     .venv/bin/python -m bench.teacher --resnet_epochs=2  # also a short ResNet-18 (cifar stem)
     .venv/bin/python -m bench.teacher --epochs=1 --max_steps=20 --out=/tmp/t.json  # smoke test
+    python -m bench.teacher --sweep --out=bench/results/teacher_sweep_gpu.json  # SWEEP, on a GPU
 
 Reads the IDX files through ``open_dataset("idx:<dir>")`` (default ``../shared/datasets/
-fashion-mnist`` next to the repository), trains with :func:`wmdd_jax.train.train_teacher` and
+fashion-mnist`` next to the repository), trains with :func:`wmdd_jax.teacher.train_teacher` and
 writes ``bench/results/teacher.json``: test top-1/top-5, wall time, training images/s, peak RSS
 and the machine (devices, CPU count, load average: this machine is shared, so timings vary).
 Target: ConvNet-D3 >= 92% test top-1 (the DD literature reports ~93.5% with long training).
+``--sweep`` trains the :data:`SWEEP` grid instead (the runs that picked the defaults below).
+The figures are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -16,20 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import tempfile
 import time
 
-from bench.common import machine
+from bench.common import RESULTS_DIR, ROOT, machine, peak_rss_mib, write_result
 from wmdd_jax.data import open_dataset
 from wmdd_jax.models import get_model
-from wmdd_jax.train import TeacherConfig, train_teacher
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from wmdd_jax.teacher import TeacherOptions, train_teacher
 
 
-def run(name: str, model_name: str, model_options: dict, ds, config: TeacherConfig,
+def run(name: str, model_name: str, model_options: dict, ds, config: TeacherOptions,
         progress: bool) -> dict:
   model = get_model(model_name, ds.num_classes, **model_options)
   train = ds.load_split("train")
@@ -79,7 +79,7 @@ def sweep(ds, out: str) -> None:
   train, test = ds.load_split("train"), ds.load_split("test")
   runs = []
   for epochs, lr, aug, batch, smoothing in SWEEP:
-    config = TeacherConfig(epochs=epochs, batch_size=batch, learning_rate=lr, weight_decay=5e-4,
+    config = TeacherOptions(epochs=epochs, batch_size=batch, learning_rate=lr, weight_decay=5e-4,
                            crop_padding=2 if aug == "crop2flip" else 0, flip=aug != "none",
                            label_smoothing=smoothing, eval_every=epochs, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,17 +92,16 @@ def sweep(ds, out: str) -> None:
     runs.append(dict(epochs=epochs, lr=lr, aug=aug, bs=batch, ls=smoothing,
                      test_top1=last["test_top1"], seconds=time.perf_counter() - t0))
     print(json.dumps(runs[-1]), flush=True)
-  with open(out, "w") as f:
-    json.dump({"benchmark": "teacher_sweep", "runs": runs, "machine": machine()}, f, indent=1)
+  write_result(out, {"benchmark": "teacher_sweep", "dataset": ds.spec, "runs": runs})
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data", default="idx:" + os.path.join(
       os.path.dirname(ROOT), "shared", "datasets", "fashion-mnist"))
-  # Defaults from a sweep of 36 short runs (ConvNet-D3, 3-6 epochs, lr 0.02-0.2, batch 64-256,
-  # with/without crop and flip) on a GPU: within ~15 min of 2 CPU cores, no augmentation and a
-  # small batch converge fastest; 5 epochs at batch 64, lr 0.1 gave 92.3% there (4 epochs 91.8%).
+  # Defaults picked by the SWEEP grid on a GPU (bench/results/teacher_sweep_gpu.json, rendered in
+  # docs/benchmarks.md): with a CPU-sized number of epochs, no augmentation and a small batch
+  # converged fastest there.
   parser.add_argument("--epochs", type=int, default=5)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--lr", type=float, default=0.1)
@@ -112,7 +111,7 @@ def main(argv=None) -> None:
   parser.add_argument("--max_steps", type=int, default=None, help="cap steps per epoch (smoke)")
   parser.add_argument("--resnet_epochs", type=int, default=0,
                       help="also train ResNet-18 (cifar stem) this many epochs (0: skip)")
-  parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "teacher.json"))
+  parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "teacher.json"))
   parser.add_argument("--no_progress", action="store_true")
   parser.add_argument("--sweep", action="store_true",
                       help="run the SWEEP grid instead (meant for a GPU) and write --out")
@@ -127,11 +126,11 @@ def main(argv=None) -> None:
   common = dict(batch_size=args.batch_size, learning_rate=args.lr,
                 weight_decay=args.weight_decay, crop_padding=args.crop_padding, flip=args.flip,
                 eval_every=1, max_steps_per_epoch=args.max_steps, seed=0)
-  runs = [run("convnet_d3", "convnet_d3", {}, ds, TeacherConfig(epochs=args.epochs, **common),
+  runs = [run("convnet_d3", "convnet_d3", {}, ds, TeacherOptions(epochs=args.epochs, **common),
               not args.no_progress)]
   if args.resnet_epochs:
     runs.append(run("resnet18_cifar", "resnet18", {"stem": "cifar"}, ds,
-                    TeacherConfig(epochs=args.resnet_epochs, **common), not args.no_progress))
+                    TeacherOptions(epochs=args.resnet_epochs, **common), not args.no_progress))
   out = {
       "benchmark": "teacher",
       "dataset": args.data,
@@ -141,14 +140,11 @@ def main(argv=None) -> None:
       "target_top1": 92.0,
       "runs": runs,
       "total_wall_seconds": time.perf_counter() - t0,
-      # ru_maxrss is in KiB on Linux.
-      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "machine": {**machine(), "load_average_at_start": load_at_start},
+      "peak_rss_mib": peak_rss_mib(),
+      "machine": machine(load_average_at_start=load_at_start),
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=1)
-  print(f"wrote {args.out}: peak RSS {out['peak_rss_mib']:.0f} MiB")
+  write_result(args.out, out)
+  print(f"peak RSS {out['peak_rss_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":

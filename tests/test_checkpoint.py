@@ -16,7 +16,7 @@ from wmdd_jax.checkpoint import (
     load_synthetic_set,
     save_synthetic_set,
 )
-from wmdd_jax.synthesis import RecoverOptions, RecoverTargets, recover
+from wmdd_jax.recover import RecoverOptions, RecoverTargets, recover
 
 
 def _synset(c=3, k=2, shape=(6, 5, 3), seed=0):

@@ -54,6 +54,33 @@ def test_unknown_option_is_named():
     open_dataset("digits", colour_mode="rgb")
 
 
+def test_a_new_source_is_one_registry_entry():
+  """Registering a SourceKind is all the spec parser, options check and errors need."""
+  from wmdd_jax.data import SOURCES, SourceKind, register_source
+  from wmdd_jax.data.arrays import ArraySource
+
+  def open_toy(spec, arg, seed, *, scale=1):
+    x = _tagged_images(6) * int(scale)
+    return ArraySource(spec, {"train": (x, np.arange(6) % 2)}, ["even", "odd"])
+
+  kind = SourceKind("toy", "toy:<anything>  (six test images)", ("scale",), open_toy)
+  register_source(kind)
+  try:
+    ds = open_dataset("toy:x", scale=1, val_fraction=0.3)
+    assert ds.class_names == ["even", "odd"] and ds.class_counts("val") == [1, 1]
+    with pytest.raises(ConfigError, match="'scale'"):
+      open_dataset("toy:x", colour_mode="rgb")
+    with pytest.raises(ConfigError, match="toy:<anything>"):
+      open_dataset("nope:x")
+    with pytest.raises(ConfigError, match="already registered"):
+      register_source(SourceKind("toy", "toy:<other>", (), lambda spec, arg, seed: None))
+    with pytest.raises(ConfigError, match="common option"):
+      register_source(SourceKind("toy2", "toy2:<x>", ("resize",), open_toy))
+  finally:
+    SOURCES.pop("toy", None)
+  assert list(SOURCES) == ["tfds", "folder", "idx", "npz", "digits"]
+
+
 def test_errors_belong_to_the_wmdd_family(tmp_path):
   with pytest.raises(DatasetNotFoundError) as e:
     open_dataset(f"npz:{tmp_path / 'absent.npz'}")

@@ -22,7 +22,7 @@ from wmdd_jax import convert  # noqa: E402
 from wmdd_jax.data import transforms  # noqa: E402
 from wmdd_jax.models import get_model  # noqa: E402
 from wmdd_jax.models.base import running_statistics  # noqa: E402
-from wmdd_jax.synthesis import RecoverOptions, RecoverTargets, chunk_loss  # noqa: E402
+from wmdd_jax.recover import RecoverOptions, RecoverTargets, chunk_loss  # noqa: E402
 
 NUM_CLASSES = 6
 HW = 16

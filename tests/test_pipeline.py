@@ -90,6 +90,19 @@ def test_random_baseline_reuses_teacher(wmdd_run, tmp_path):
   assert not os.path.exists(tmp_path / "stats.npz")
 
 
+def test_stop_after_teacher_runs_the_teacher_stage_only(wmdd_run, tmp_path):
+  """What experiments/pretrain.py runs: the teacher stage (here: loaded), nothing after it."""
+  workdir, metrics = wmdd_run
+  c = _config()
+  c.teacher.checkpoint = os.path.join(workdir, "teacher")
+  out = pipeline.run(c, str(tmp_path), stop_after="teacher", log=lambda *_: None)
+  assert out["teacher"] == c.teacher.checkpoint
+  assert out["teacher_top1"] == metrics["teacher_top1"] and "teacher" not in out["seconds"]
+  assert not os.path.exists(tmp_path / "stats.npz") and not os.path.exists(tmp_path / "synset")
+  with pytest.raises(ConfigError, match="stop_after"):
+    pipeline.run(c, str(tmp_path), stop_after="recover", log=lambda *_: None)
+
+
 def test_unknown_method():
   c = _config("magic")
   with pytest.raises(ConfigError, match="config.method"):
@@ -170,9 +183,9 @@ def test_method_switches_set_the_official_table3_terms():
 @pytest.mark.parametrize("field, value, match", [
     ("ipc", 0, "ipc=0 must be an int >= 1"),
     ("ipc", 10_000, "exceeds the"),
-    ("eval.lr", -1.0, "StudentOptions"),
+    ("eval.lr", -1.0, "EvaluateOptions"),
     ("eval.model", "resnet7", "Unknown model"),
-    ("teacher.epochs", 0, "TeacherConfig"),
+    ("teacher.epochs", 0, "TeacherOptions"),
     ("recover.iterations", 0, "iterations"),
     ("recover.feature_target", "barycentre", "feature_target"),
 ])

@@ -6,23 +6,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wmdd_jax import DataError, ShapeError
-from wmdd_jax import train as train_lib
+from wmdd_jax import DataError, ShapeError, training
+from wmdd_jax import teacher as teacher_lib
+from wmdd_jax.evaluate import EvaluateOptions, make_optimizer, train_student
 from wmdd_jax.models import get_model, init_model
 from wmdd_jax.models.base import CapturingBatchNorm, apply_model
 from wmdd_jax.relabel import (
-    StudentOptions,
-    batch_key,
-    cutmix,
-    epoch_batches,
-    kd_loss,
-    make_optimizer,
-    make_views,
-    mix_weights,
-    relabel_batch,
-    stream_keys,
-    train_student,
-    weight_decay_mask,
+  batch_key,
+  cutmix,
+  epoch_batches,
+  kd_loss,
+  make_views,
+  mix_weights,
+  relabel_batch,
+  stream_keys,
+  weight_decay_mask,
 )
 
 SHAPE = (8, 8, 1)
@@ -134,7 +132,7 @@ def test_soft_labels_deterministic_per_epoch_and_step():
   weights = jnp.linspace(0.5, 1.5, 8)
   _, _, views_key = stream_keys(jax.random.key(42))
   relabel = jax.jit(relabel_batch, static_argnums=(0, 5))
-  opts = StudentOptions()
+  opts = EvaluateOptions()
   a = relabel(model, variables, images, weights, batch_key(views_key, 2, 3), opts)
   b = relabel(model, variables, images, weights, batch_key(views_key, 2, 3), opts)
   c = relabel(model, variables, images, weights, batch_key(views_key, 2, 4), opts)
@@ -182,7 +180,7 @@ def test_weight_decay_mask_excludes_bn_and_biases():
   for bn in ("bn0", "bn1"):
     assert not mask[bn]["bn"]["scale"] and not mask[bn]["bn"]["bias"]
   # The optimiser applies it: with zero gradients only decayed leaves move.
-  tx = make_optimizer(StudentOptions(lr=0.1, weight_decay=0.5), steps_per_epoch=1)
+  tx = make_optimizer(EvaluateOptions(lr=0.1, weight_decay=0.5), steps_per_epoch=1)
   update = jax.jit(lambda p: tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)[0])
   updates = update(params)
   moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
@@ -223,11 +221,11 @@ def digits():
 def teacher(digits):
   x_train, y_train, x_test, y_test, mean, std = digits
   model = SmallNet()
-  config = train_lib.TeacherConfig(epochs=8, batch_size=64, learning_rate=0.2,
+  config = teacher_lib.TeacherOptions(epochs=8, batch_size=64, learning_rate=0.2,
                                    weight_decay=5e-4, crop_padding=0, flip=False, eval_every=8)
-  variables = train_lib.train_teacher(model, (x_train, y_train), None, config, mean=mean,
+  variables = teacher_lib.train_teacher(model, (x_train, y_train), None, config, mean=mean,
                                       std=std, progress=False)
-  acc = train_lib.evaluate(model, variables, (x_test, y_test), mean=mean, std=std)["top1"]
+  acc = training.evaluate(model, variables, (x_test, y_test), mean=mean, std=std)["top1"]
   assert acc > 90, acc
   return model, variables
 
@@ -246,7 +244,7 @@ def test_student_learns_from_soft_labels(digits, teacher):
   teacher_model, teacher_variables = teacher
   images = _synthetic_set(digits)
   weights = np.random.default_rng(1).uniform(0.5, 1.5, size=len(images)).astype(np.float32)
-  options = StudentOptions(epochs=100, batch_size=50, lr=3e-2, eval_every=50, progress=False)
+  options = EvaluateOptions(epochs=100, batch_size=50, lr=3e-2, eval_every=50, progress=False)
   result = train_student(SmallNet(), teacher_model, teacher_variables, images, weights,
                          (x_test, y_test), mean=mean, std=std, options=options,
                          key=jax.random.key(0))
@@ -267,4 +265,4 @@ def test_train_student_rejects_bad_inputs(teacher):
     train_student(SmallNet(), teacher_model, teacher_variables, images, -np.ones(4), None)
   with pytest.raises(ShapeError, match="num_classes=10"):
     train_student(SmallNet(num_classes=3), teacher_model, teacher_variables, images, None, None,
-                  options=StudentOptions(epochs=1, progress=False))
+                  options=EvaluateOptions(epochs=1, progress=False))

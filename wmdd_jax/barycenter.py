@@ -18,13 +18,12 @@ exact plan up to the few points that the LP would split between cells), which av
 entropic blur of soft plans; the iterations stop once less than 0.1% of the mass changes cell.
 Initialisation is a seeded greedy k-means++ and a few Lloyd steps.
 
-Measured against POT (tests/test_barycenter.py, bench/barycenter.py): at n=5000, d=512, k=50
-the result's exact W2^2 is 0.15% below POT's on average (never above it in the benchmark) at
-about 3-6x POT's speed on a 2-core CPU (~0.15-0.2 s per class after a ~2.5 s compilation).
-Different starts reach different local optima; on small clouds these differ by several percent,
-which ``num_inits`` addresses. ``stop_fraction=5e-3`` is about 1.5x faster again and as good on
-the benchmark, but stopped 1.6% short of POT on one of four k=10 clouds whose fixed-point
-iteration crawls before a late improvement.
+Checked against POT (tests/test_barycenter.py; bench/barycenter.py, figures in
+docs/benchmarks.md): at n=5000, d=512, k=50 the result's exact W2^2 is at or below POT's, several
+times faster on CPU. Different starts reach different local optima; on small clouds these differ
+by several percent, which ``num_inits`` addresses. ``stop_fraction=5e-3`` stops sooner, but can
+stop short of POT's cost on clouds whose fixed-point iteration crawls before a late
+improvement.
 
 With ``learn_weights=True`` the weights are free on the simplex too; for one measure the optimum
 then sends every point to its nearest support point, so the problem is k-means (Lloyd) and the
@@ -36,21 +35,24 @@ points is weighted by the masses.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wmdd_jax.distributed import Execution
 from wmdd_jax.errors import ConfigError, NonFiniteError, ShapeError
 
 __all__ = [
     "Barycenter",
-    "SolverOptions",
+    "BarycenterOptions",
     "class_barycenters",
+    "class_solver",
     "free_support_barycenter",
     "w2_cost",
 ]
@@ -68,8 +70,10 @@ class Barycenter(NamedTuple):
   weights: jax.Array
 
 
-class SolverOptions(NamedTuple):
-  """Options of :func:`free_support_barycenter` (all static under jit).
+@dataclasses.dataclass(frozen=True)
+class BarycenterOptions:
+  """Solver options of :func:`free_support_barycenter` (hashable, static under jit; checked on
+  construction: a bad value raises ConfigError).
 
   Attributes:
     num_iterations: cap on the fixed-point iterations of the uniform-weight barycenter (plan,
@@ -86,14 +90,14 @@ class SolverOptions(NamedTuple):
       most is kept). None: 2 + int(log k), as scikit-learn.
     num_inits: independent seedings solved (vmapped) per call; the lowest-cost result is kept.
       On small clouds (a few hundred points, k ~ 5) local optima differ by several percent and
-      4 inits make results reliable; at n ~ 5000, k ~ 50 one init is within 0.3% of POT.
+      4 inits make results reliable; at n ~ 5000, k ~ 50 one init suffices (docs/benchmarks.md).
     anneal: relative epsilons of "deterministic annealing" iterations run first, which move the
       support to the centroids of *soft* entropic plans, e.g. (0.2, 0.1, 0.05, 0.02); large
       epsilon smooths away poor local optima. Empty: none.
     solver: "semidual" (the default above) or "ott": OTT-JAX's FreeWassersteinBarycenter
       (Sinkhorn on a point-cloud geometry) from the same k-means++ start, the reference entropic
-      solver; about two orders of magnitude slower at n=5000, d=512, k=50 on CPU, and its
-      entropic plans blur the support (uniform weights only).
+      solver; much slower on CPU at these sizes, and its entropic plans blur the support
+      (uniform weights only).
     ott_epsilon: OTT's entropic regularisation, relative to the mean cost (its PointCloud
       convention); static.
   """
@@ -110,6 +114,35 @@ class SolverOptions(NamedTuple):
   solver: str = "semidual"
   ott_epsilon: float = 0.01
 
+  def __post_init__(self):
+    for name in ("num_iterations", "max_newton_steps", "num_inits"):
+      value, low = getattr(self, name), 0 if name == "num_iterations" else 1
+      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"barycenter option {name}={value!r} must be an int >= {low}.")
+    for name in ("lloyd_steps", "init_candidates"):
+      value = getattr(self, name)
+      low = 0 if name == "lloyd_steps" else 1
+      if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                or value < low):
+        raise ConfigError(f"barycenter option {name}={value!r} must be None or an int >= {low}.")
+    if not (self.epsilon > 0 and self.tolerance > 0 and self.stop_fraction >= 0):
+      raise ConfigError(
+          f"barycenter options epsilon={self.epsilon} and tolerance={self.tolerance} must be > 0 "
+          f"and stop_fraction={self.stop_fraction} >= 0."
+      )
+    if self.solver not in SOLVERS:
+      raise ConfigError(f"barycenter option solver={self.solver!r} is not one of {SOLVERS}.")
+    anneal = tuple(float(e) for e in np.atleast_1d(self.anneal))
+    if any(e <= 0 for e in anneal):
+      raise ConfigError(f"barycenter option anneal={self.anneal!r} must hold epsilons > 0.")
+    # Python floats so the options stay hashable and static under jit.
+    for name in ("epsilon", "tolerance", "stop_fraction", "ott_epsilon"):
+      object.__setattr__(self, name, float(getattr(self, name)))
+    object.__setattr__(self, "anneal", anneal)
+
+
+SOLVERS = ("semidual", "ott")
+
 
 # Levenberg-Marquardt damping values tried in parallel at each Newton step. The scaled Hessian
 # has eigenvalues in [0, 1], so 0 is a pure Newton step and 1 is about a Sinkhorn step.
@@ -118,38 +151,14 @@ _LM_DAMPING = (0.0, 0.01, 0.1, 1.0)
 _TINY = 1e-30
 
 
-def _options(solver_options: dict[str, Any]) -> SolverOptions:
-  unknown = set(solver_options) - set(SolverOptions._fields)
+def _options(solver_options: dict[str, Any]) -> BarycenterOptions:
+  names = [f.name for f in dataclasses.fields(BarycenterOptions)]
+  unknown = set(solver_options) - set(names)
   if unknown:
     raise ConfigError(
-        f"unknown barycenter solver option(s) {sorted(unknown)}; valid options are "
-        f"{list(SolverOptions._fields)}."
+        f"unknown barycenter solver option(s) {sorted(unknown)}; valid options are {names}."
     )
-  opts = SolverOptions(**solver_options)
-  for name in ("num_iterations", "max_newton_steps", "num_inits"):
-    value, low = getattr(opts, name), 0 if name == "num_iterations" else 1
-    if not isinstance(value, int) or value < low:
-      raise ConfigError(f"barycenter option {name}={value!r} must be an int >= {low}.")
-  for name in ("lloyd_steps", "init_candidates"):
-    value = getattr(opts, name)
-    low = 0 if name == "lloyd_steps" else 1
-    if value is not None and (not isinstance(value, int) or value < low):
-      raise ConfigError(f"barycenter option {name}={value!r} must be None or an int >= {low}.")
-  if not (opts.epsilon > 0 and opts.tolerance > 0 and opts.stop_fraction >= 0):
-    raise ConfigError(
-        f"barycenter options epsilon={opts.epsilon} and tolerance={opts.tolerance} must be > 0 "
-        f"and stop_fraction={opts.stop_fraction} >= 0."
-    )
-  anneal = tuple(float(e) for e in np.atleast_1d(opts.anneal))
-  if any(e <= 0 for e in anneal):
-    raise ConfigError(f"barycenter option anneal={opts.anneal!r} must hold epsilons > 0.")
-  # Python floats so the options stay hashable and static under jit.
-  return opts._replace(
-      epsilon=float(opts.epsilon),
-      tolerance=float(opts.tolerance),
-      stop_fraction=float(opts.stop_fraction),
-      anneal=anneal,
-  )
+  return BarycenterOptions(**solver_options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,7 +403,7 @@ def _balanced(
     mass: jax.Array,
     sq_norms: jax.Array,
     support: jax.Array,
-    opts: SolverOptions,
+    opts: BarycenterOptions,
     estimate_cost: bool,
 ) -> tuple[jax.Array, jax.Array]:
   """Uniform-weight fixed-point iterations from ``support``.
@@ -442,7 +451,7 @@ def _balanced(
 
 
 def _ott_barycenter(points: jax.Array, mass: jax.Array, support: jax.Array,
-                    opts: SolverOptions) -> jax.Array:
+                    opts: BarycenterOptions) -> jax.Array:
   """OTT-JAX's free-support barycenter of one measure, started from ``support`` f32[k, d]."""
   from ott.problems.linear import barycenter_problem  # noqa: PLC0415 - optional solver
   from ott.solvers.linear import continuous_barycenter, sinkhorn  # noqa: PLC0415
@@ -465,7 +474,7 @@ def _solve_one(
     key: jax.Array,
     num_support: int,
     learn_weights: bool,
-    opts: SolverOptions,
+    opts: BarycenterOptions,
 ) -> Barycenter:
   """The whole solver for one class; ``mass`` sums to 1 (zeros are padding)."""
   points = points.astype(jnp.float32)
@@ -497,7 +506,8 @@ def _solve_one(
   return Barycenter(support, weights / jnp.sum(weights))
 
 
-_solve_jit = jax.jit(_solve_one, static_argnums=(3, 4, 5))
+_solve_jit = jax.jit(_solve_one, static_argnums=(3, 4, 5),
+                     static_argnames=("num_support", "learn_weights", "opts"))
 
 # Point counts are padded (zero mass) up to a multiple of this, so classes of similar sizes share
 # one compilation; it costs at most 127 rows of work.
@@ -514,7 +524,23 @@ def _solve_classes(points, mass, keys, num_support, learn_weights, opts):
   )
 
 
-_solve_classes_jit = jax.jit(_solve_classes, static_argnums=(3, 4, 5))
+_solve_classes_jit = jax.jit(_solve_classes, static_argnums=(3, 4, 5),
+                             static_argnames=("num_support", "learn_weights", "opts"))
+
+
+def class_solver(num_support: int, *, learn_weights: bool = False, **solver_options: Any
+                 ) -> Callable[..., Barycenter]:
+  """The jitted per-class solver that :func:`class_barycenters` maps over classes.
+
+  ``solve(points f32[C, n, d], mass f32[C, n], keys key[C]) -> Barycenter(f32[C, k, d],
+  f32[C, k])``: the per-class solver vmapped over classes. Unlike :func:`free_support_barycenter`
+  it checks nothing and does not renormalise: ``n`` must be padded as this module pads it and
+  each class's ``mass`` must sum to 1 (zero on padding rows), as :func:`class_barycenters` builds
+  them. Exposed for ahead-of-time memory analysis (``solve.lower(...)``).
+  """
+  _check_num_support(num_support)
+  return functools.partial(_solve_classes_jit, num_support=int(num_support),
+                           learn_weights=bool(learn_weights), opts=_options(solver_options))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,7 +574,7 @@ def free_support_barycenter(
       None: uniform.
     learn_weights: False: uniform weights 1/k (the balanced barycenter). True: weights free on
       the simplex (k-means; the weights are the cell masses, some may be 0).
-    **solver_options: fields of :class:`SolverOptions`.
+    **solver_options: fields of :class:`BarycenterOptions`.
 
   Returns:
     Barycenter(support f32[k, d], weights f32[k]).
@@ -599,7 +625,7 @@ def _prepare(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Pads to ``padded_n`` rows of zero mass, normalises the mass, and summarises the input.
 
-  One dispatch and one host transfer instead of a handful of eager ops (they cost ~20 ms).
+  One dispatch and one host transfer instead of a handful of eager ops.
 
   Returns:
     (points f32[padded_n, d], mass f32[padded_n] summing to 1, i32[4]: non-finite points,
@@ -626,7 +652,7 @@ def class_barycenters(
     *,
     learn_weights: bool = False,
     classes_per_batch: int | None = None,
-    devices: Sequence[jax.Device] | None = None,
+    execution: Execution | None = None,
     **solver_options: Any,
 ) -> Barycenter:
   """Per-class barycenters of a labelled feature set, vmapped over classes.
@@ -646,15 +672,17 @@ def class_barycenters(
     classes_per_batch: classes solved together in one vmapped call (bounds device memory at
       about classes_per_batch * n_max * (d + 8k) floats); batches run one after another.
       None: all classes at once on an accelerator, one at a time on CPU, where a vmapped batch
-      measured about 1.5x slower per class (bench/barycenter.py; the batch's while loops run
-      until its slowest class converges).
-    devices: run batch b on ``devices[b % len(devices)]`` (batches are dispatched before any
-      result is read, so the devices work concurrently); the results do not depend on it (the
-      deterministic work units of :mod:`wmdd_jax.units`). None: the default device.
-    **solver_options: fields of :class:`SolverOptions`.
+      is slower per class (its while loops run until its slowest class converges;
+      docs/benchmarks.md, barycenter).
+    execution: how the class batches run on devices (:mod:`wmdd_jax.distributed`; default: one
+      device). Work units run batch b on device b % D, concurrently; a mesh solves all classes
+      at once, each device its own (every process must pass the same, all-class features). The
+      results do not depend on the device count either way.
+    **solver_options: fields of :class:`BarycenterOptions`.
 
   Returns:
-    Barycenter(support f32[C, k, d], weights f32[C, k]) on the default device.
+    Barycenter(support f32[C, k, d], weights f32[C, k]) (device arrays; host arrays on a
+    mesh).
 
   Raises:
     ShapeError: features not [N, d] or labels not [N].
@@ -705,22 +733,13 @@ def class_barycenters(
     batch = 1 if jax.default_backend() == "cpu" else num_classes
   if not isinstance(batch, int | np.integer) or batch < 1:
     raise ConfigError(f"classes_per_batch must be None or an int >= 1, got {batch!r}.")
-  parts = []
-  for b, lo in enumerate(range(0, num_classes, batch)):
-    hi = min(lo + batch, num_classes)
-    inputs = (padded[lo:hi], mass[lo:hi], keys[lo:hi])
-    if devices:
-      inputs = jax.device_put(inputs, devices[b % len(devices)])
-    if hi - lo == 1:  # one class: the unbatched program, exactly a per-class call
-      one = _solve_jit(*(x[0] for x in inputs), num_support, bool(learn_weights), opts)
-      parts.append(Barycenter(one.support[None], one.weights[None]))
-    else:
-      parts.append(_solve_classes_jit(*inputs, num_support, bool(learn_weights), opts))
-  if devices:
-    parts = jax.device_put(parts, jax.devices()[0])
-  if len(parts) == 1:
-    return parts[0]
-  return Barycenter(*(jnp.concatenate(xs) for xs in zip(*parts)))
+  execution = execution or Execution()
+  solve = functools.partial(_solve_classes_jit, num_support=num_support,
+                            learn_weights=bool(learn_weights), opts=opts)
+  solve_one = functools.partial(_solve_jit, num_support=num_support,
+                                learn_weights=bool(learn_weights), opts=opts)
+  out = execution.map_classes(solve, (padded, mass, keys), chunk=int(batch), solve_one=solve_one)
+  return Barycenter(out.support, out.weights)
 
 
 @functools.partial(jax.jit, static_argnames=("epsilon",))

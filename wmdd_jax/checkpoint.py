@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from wmdd_jax import parallel
+from wmdd_jax.distributed import sharding
 from wmdd_jax.errors import CheckpointError, ConfigError, ShapeError
 from wmdd_jax.models import get_model
 
@@ -311,7 +311,7 @@ def save_synthetic_set(path: str | os.PathLike, synset: SyntheticSet, *,
   if primary:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-  parallel.sync_processes("synset-tmp")
+  sharding.sync_processes("synset-tmp")
   arrays = {"images": synset.images, "labels": synset.labels, "weights": synset.weights}
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(tmp, "arrays"), arrays)
@@ -328,7 +328,7 @@ def save_synthetic_set(path: str | os.PathLike, synset: SyntheticSet, *,
       shutil.rmtree(old, ignore_errors=True)
     else:
       os.replace(tmp, path)
-  parallel.sync_processes("synset-done")
+  sharding.sync_processes("synset-done")
 
 
 def load_synthetic_set(path: str | os.PathLike) -> SyntheticSet:
@@ -454,7 +454,7 @@ class RecoverCheckpointer:
 
   One ``CheckpointManager`` per chunk under ``directory/chunk_NNNN``, keeping the last
   ``max_to_keep`` saves. Use :meth:`resume` and :meth:`on_block` as the ``resume`` / ``on_block``
-  callbacks of :func:`wmdd_jax.synthesis.recover`. The PRNG key is not stored: every step's key is
+  callbacks of :func:`wmdd_jax.recover.recover`. The PRNG key is not stored: every step's key is
   ``fold_in(key, step)``, so the restored step is all a bit-identical continuation needs.
   """
 

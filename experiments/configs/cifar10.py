@@ -12,22 +12,16 @@ lr 0.1 cosine, weight decay 5e-4, pad-4 crop + flip: the standard recipe, expect
 top-1. Runtime: roughly 1-2 h on one modern GPU; days on 2 CPU cores (not meant for CPU).
 """
 
-from wmdd_jax import pipeline
+from wmdd_jax.config import default_config
 
 
 def get_config():
-  c = pipeline.default_config()
-  c.seed = 0
-  c.debug = False
+  c = default_config()
   c.dataset.spec = "tfds:cifar10"
-  c.dataset.options = {}
-  c.dataset.train_split = "train"
-  c.dataset.test_split = "test"
-  c.teacher.update(dict(
-      model="resnet18", model_options={"stem": "cifar"}, checkpoint="",
-      epochs=200, batch_size=128, learning_rate=0.1, momentum=0.9, nesterov=False,
-      weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=0.0, label_smoothing=0.0,
-      crop_padding=4, flip=True, resized_crop=False,
-      eval_every=10, eval_batch_size=500,
-  ))
+  # Teacher: the defaults (batch 128, SGD lr 0.1 momentum 0.9 cosine, wd 5e-4, pad-4 crop +
+  # flip) on ResNet-18 with the CIFAR stem, for 200 epochs.
+  c.teacher.model = "resnet18"
+  c.teacher.model_options = {"stem": "cifar"}
+  c.teacher.epochs = 200
+  c.teacher.eval_every = 10
   return c

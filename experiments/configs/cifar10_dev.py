@@ -18,25 +18,16 @@ as on digits / Fashion-MNIST; not tuned here) and 1000 recover iterations. Runti
 about 10 min per IPC-10 cell. Nothing in this config was tuned on x_test.
 """
 
-from wmdd_jax import pipeline
+from wmdd_jax.config import default_config
 
 
 def get_config():
-  c = pipeline.default_config()
-  c.seed = 0
-  c.debug = False
-  c.ipc = 10
+  c = default_config()
   c.dataset.spec = "npz:../shared/datasets/cifar10-dev/cifar10-dev.npz"
   c.dataset.options = {"val_fraction": 0.0}  # > 0 holds out a "val" split for tuning
-  c.dataset.train_split = "train"
-  c.dataset.test_split = "test"
-  c.teacher.update(dict(
-      model="convnet_d3", model_options={}, checkpoint="",
-      epochs=20, batch_size=128, learning_rate=0.05, momentum=0.9, nesterov=False,
-      weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=0.0, label_smoothing=0.0,
-      crop_padding=4, flip=True, resized_crop=False,
-      eval_every=5, eval_batch_size=500,
-  ))
+  # Teacher: the default ConvNet-D3 recipe (batch 128, pad-4 crop + flip), 20 epochs at lr 0.05.
+  c.teacher.epochs = 20
+  c.teacher.learning_rate = 0.05
   c.recover.iterations = 1000
   c.recover.r_bn = 1.0
   return c

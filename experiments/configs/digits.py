@@ -15,32 +15,21 @@ Expected student test top-1 at IPC 10 (seed 0, measured on the 2-core CPU, ~50 s
 methods): wmdd ~85%, random real images ~74%.
 """
 
-from wmdd_jax import pipeline
+from wmdd_jax.config import default_config
 
 
 def get_config():
-  c = pipeline.default_config()
-  c.seed = 0
-  c.debug = False
-  c.ipc = 10
+  c = default_config()  # IPC 10, seed 0, ConvNet-D3 teacher and student, 300 student epochs
   c.dataset.spec = "digits"
-  c.dataset.options = {}
-  c.dataset.train_split = "train"
-  c.dataset.test_split = "test"
-  c.teacher.update(dict(
-      model="convnet_d3", model_options={"width": 64}, checkpoint="",
-      epochs=30, batch_size=64, learning_rate=0.05, momentum=0.9, nesterov=False,
-      weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=0.0, label_smoothing=0.0,
-      # Digits are not mirror-symmetric: shifts of one pixel only.
-      crop_padding=1, flip=False, resized_crop=False,
-      eval_every=5, eval_batch_size=500,
-  ))
-  c.stats.batch_size = 256
+  c.teacher.model_options = {"width": 64}
+  c.teacher.batch_size = 64
+  c.teacher.learning_rate = 0.05
+  # Digits are not mirror-symmetric: shifts of one pixel only.
+  c.teacher.crop_padding = 1
+  c.teacher.flip = False
   c.recover.iterations = 1000
   c.recover.r_bn = 1.0
   # 8 px images: a 0.08-area crop keeps under 3x3 pixels, so crops stay at half the area or more.
   c.recover.crop_scale = (0.5, 1.0)
-  c.eval.epochs = 300
   c.eval.crop_scale = (0.5, 1.0)
-  c.eval.eval_every = 25
   return c

@@ -20,26 +20,18 @@ run after the 20 s teacher): student ConvNet-D3 test top-1 wmdd 59.8 / 79.8 / 85
 1 / 10 / 50 (sre2l 46.1 / 69.8 / 83.7%, random real 65.7 / 76.9 / 87.0%).
 """
 
-from wmdd_jax import pipeline
+from wmdd_jax.config import default_config
 
 
 def get_config():
-  c = pipeline.default_config()
-  c.seed = 0
-  c.debug = False
+  c = default_config()
   c.dataset.spec = "idx:../shared/datasets/fashion-mnist"
-  c.dataset.options = {}
-  c.dataset.train_split = "train"
-  c.dataset.test_split = "test"
-  c.teacher.update(dict(
-      model="convnet_d3", model_options={}, checkpoint="",
-      epochs=20, batch_size=128, learning_rate=0.1, momentum=0.9, nesterov=False,
-      weight_decay=5e-4, decay_norm_and_bias=True, warmup_epochs=0.0, label_smoothing=0.0,
-      crop_padding=2, flip=True, resized_crop=False,
-      eval_every=5, eval_batch_size=500,
-  ))
+  # Teacher: the default ConvNet-D3 recipe (batch 128, SGD lr 0.1 cosine, flip), 20 epochs,
+  # pad-2 crops.
+  c.teacher.epochs = 20
+  c.teacher.crop_padding = 2
   # Recover and evaluation: DESIGN defaults (2000 steps, Adam 0.25, crops 0.08-1, 300 student
   # epochs) except r_bn, carried over from digits (3 BN layers, not ResNet-18's 20); not tuned
-  # on Fashion-MNIST yet (tune with `python -m bench.fashion_mnist --val`).
+  # on Fashion-MNIST yet (tune with `python -m bench.sweep --val_fraction=0.1 ...`).
   c.recover.r_bn = 1.0
   return c

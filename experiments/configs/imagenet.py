@@ -33,14 +33,12 @@ hours; several GPUs help); student 300 epochs over 1000 x IPC images (hours at I
 CPU.
 """
 
-from wmdd_jax import pipeline
+from wmdd_jax.config import default_config
 
 
 def get_config():
   """The official ImageNet-1K protocol (see the module docstring)."""
-  c = pipeline.default_config()
-  c.seed = 0
-  c.debug = False
+  c = default_config()  # seed 0
   c.ipc = 10  # run.sh:13 IPC=10
   c.dataset.spec = "tfds:imagenet2012"
   c.dataset.options = {
@@ -50,21 +48,21 @@ def get_config():
       # recover/utils.py clip(), train_FKD.py:100: ImageNet constants.
       "normalization": "imagenet",
   }
-  c.dataset.train_split = "train"
   c.dataset.test_split = "validation"  # train_FKD.py --val-dir ${DATA_PATH}/val (run.sh:162)
 
-  # ---- teacher: torchvision's pretrained ResNet-18, imported (teacher.checkpoint). Fields for
-  # training one from scratch instead: torchvision's ResNet-18 recipe (90 epochs, batch 256,
-  # SGD lr 0.1, wd 1e-4, RandomResizedCrop + flip; step decay there, cosine here).
-  c.teacher.update(dict(
-      model="resnet18",
-      model_options={"stem": "imagenet"},  # torchvision's topology (7x7/2 conv + max-pool)
-      checkpoint="",  # set --config.teacher.checkpoint=<dir from experiments/import_teacher.py>
-      epochs=90, batch_size=256, learning_rate=0.1, momentum=0.9, nesterov=False,
-      weight_decay=1e-4, decay_norm_and_bias=True, warmup_epochs=0.0, label_smoothing=0.0,
-      crop_padding=0, flip=True, resized_crop=True,
-      eval_every=5, eval_batch_size=250,
-  ))
+  # ---- teacher: torchvision's pretrained ResNet-18, imported: set
+  # --config.teacher.checkpoint=<dir from experiments/import_teacher.py>. Fields for training
+  # one from scratch instead: torchvision's ResNet-18 recipe (90 epochs, batch 256, SGD lr 0.1
+  # momentum 0.9, wd 1e-4, RandomResizedCrop + flip; step decay there, cosine here); lr,
+  # momentum and flips are the config defaults.
+  c.teacher.model = "resnet18"
+  c.teacher.model_options = {"stem": "imagenet"}  # torchvision's topology (7x7/2 + max-pool)
+  c.teacher.epochs = 90
+  c.teacher.batch_size = 256
+  c.teacher.weight_decay = 1e-4
+  c.teacher.crop_padding = 0
+  c.teacher.resized_crop = True
+  c.teacher.eval_batch_size = 250
 
   # ---- recover: run.sh:104-123 -> recover/data_synthesis_new.py (-n: per-class BN, -w: WB).
   c.barycenter.learn_weights = False  # run.sh:122 --weight-wb false: uniform weights
@@ -104,5 +102,5 @@ def get_config():
       use_weights=True,             # train_FKD.py:269-271 (uniform here: --weight-wb false)
       eval_every=10,                # train_FKD.py:201 validates every 10 epochs and the last
   ))
-  # Cosine schedule over epochs (run.sh:157 --cos, train_FKD.py:182-184) is StudentOptions'.
+  # Cosine schedule over epochs (run.sh:157 --cos, train_FKD.py:182-184) is EvaluateOptions'.
   return c

@@ -26,14 +26,12 @@ batch 32); recover ~5 min per 100 synthetic images (2000 steps per chunk of <= 1
 student 300 epochs ~2 min at IPC 10, ~30 min at IPC 100. Not meant for CPU.
 """
 
-from wmdd_jax import pipeline
+from wmdd_jax.config import default_config
 
 
 def get_config():
   """The official ImageNette protocol (see the module docstring)."""
-  c = pipeline.default_config()
-  c.seed = 0
-  c.debug = False
+  c = default_config()  # seed 0
   c.ipc = 10  # run.sh:13 IPC=10 (the README's command, -c 10)
   c.dataset.spec = "tfds:imagenette/320px-v2"
   c.dataset.options = {
@@ -43,30 +41,25 @@ def get_config():
       # pretrain/presets.py:25-26, recover/utils.py clip(), train_FKD.py:100: ImageNet constants.
       "normalization": "imagenet",
   }
-  c.dataset.train_split = "train"
   c.dataset.test_split = "validation"  # train_FKD.py --val-dir ${DATA_PATH}/val (run.sh:162)
 
-  # ---- teacher: run.sh:81-93 (= pretrain/pretrain.sh) with pretrain.py's defaults.
-  c.teacher.update(dict(
-      model="resnet18",             # run.sh:5 MODEL="resnet18"
-      model_options={"stem": "imagenet"},  # models/resnet.py: torchvision topology, 7x7/2 + pool
-      checkpoint="",
-      epochs=50,                    # run.sh:91 --epochs 50 (recover loads model_49.pth, :107)
-      batch_size=32,                # run.sh:89 --batch-size 32 (one process: the whole batch)
-      learning_rate=0.025,          # run.sh:87 --lr 0.025
-      momentum=0.9,                 # pretrain.py:425 --momentum default 0.9
-      nesterov=False,               # run.sh:86 --opt sgd (pretrain.py:288: not "nesterov")
-      weight_decay=1e-4,            # run.sh:88 --wd 1e-4
-      decay_norm_and_bias=True,     # pretrain.py:436-446 norm/bias decay default None = --wd
-      warmup_epochs=0.0,            # pretrain.py:461 --lr-warmup-epochs default 0
-      label_smoothing=0.0,          # pretrain.py:454 --label-smoothing default 0
-      # presets.py:45-47 RandomResizedCrop(224) + RandomHorizontalFlip(0.5); no auto-augment
-      # (pretrain.py:491 default None, so run.sh's --augmix-severity 0 --ra-magnitude 0 are
-      # no-ops), no mixup/cutmix (pretrain.py:456-457), no random erasing (:494).
-      crop_padding=0, flip=True, resized_crop=True,
-      eval_every=5,                 # bookkeeping only (pretrain.py evaluates every epoch)
-      eval_batch_size=250,
-  ))
+  # ---- teacher: run.sh:81-93 (= pretrain/pretrain.sh) with pretrain.py's defaults. Equal to
+  # the config defaults: momentum 0.9 (pretrain.py:425), no Nesterov (run.sh:86 --opt sgd,
+  # pretrain.py:288), weight decay on norm/bias too (pretrain.py:436-446: None = --wd), no
+  # warm-up (:461) or label smoothing (:454), flips (presets.py:45-47), eval_every 5
+  # (bookkeeping only: pretrain.py evaluates every epoch).
+  c.teacher.model = "resnet18"        # run.sh:5 MODEL="resnet18"
+  c.teacher.model_options = {"stem": "imagenet"}  # models/resnet.py: torchvision, 7x7/2 + pool
+  c.teacher.epochs = 50               # run.sh:91 --epochs 50 (recover loads model_49.pth, :107)
+  c.teacher.batch_size = 32           # run.sh:89 --batch-size 32 (one process: the whole batch)
+  c.teacher.learning_rate = 0.025     # run.sh:87 --lr 0.025
+  c.teacher.weight_decay = 1e-4       # run.sh:88 --wd 1e-4
+  # presets.py:45-47 RandomResizedCrop(224) + RandomHorizontalFlip(0.5); no auto-augment
+  # (pretrain.py:491 default None, so run.sh's --augmix-severity 0 --ra-magnitude 0 are
+  # no-ops), no mixup/cutmix (pretrain.py:456-457), no random erasing (:494).
+  c.teacher.crop_padding = 0
+  c.teacher.resized_crop = True
+  c.teacher.eval_batch_size = 250
 
   # ---- recover: run.sh:104-123 -> recover/data_synthesis_new.py (-n: per-class BN, -w: WB).
   c.barycenter.learn_weights = False  # run.sh:122 --weight-wb false: uniform weights
@@ -97,7 +90,7 @@ def get_config():
       model_options={"stem": "imagenet"},
       epochs=300,                   # run.sh:11 KD_EPOCHS=300 -> --epochs (:155)
       # run.sh:69-73 KD_BATCH_SIZE: 10 * IPC for ImageNette at IPC < 10 (the whole set), else
-      # 100; StudentOptions takes the whole set when it holds fewer than batch_size images.
+      # 100; EvaluateOptions takes the whole set when it holds fewer than batch_size images.
       batch_size=100,
       lr=1e-3,                      # train_FKD.py:62 --adamw-lr 0.001 (AdamW: no --sgd, :177-180)
       weight_decay=0.01,            # train_FKD.py:64 --adamw-weight-decay 0.01 (not on BN/bias)
@@ -108,5 +101,5 @@ def get_config():
       use_weights=True,             # train_FKD.py:269-271 (uniform here: --weight-wb false)
       eval_every=10,                # train_FKD.py:201 validates every 10 epochs and the last
   ))
-  # Cosine schedule over epochs (run.sh:157 --cos, train_FKD.py:182-184) is StudentOptions'.
+  # Cosine schedule over epochs (run.sh:157 --cos, train_FKD.py:182-184) is EvaluateOptions'.
   return c

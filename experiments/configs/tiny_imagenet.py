@@ -32,14 +32,12 @@ batch 32 at 224 px with 114 px feature maps after the stem); recover ~20 chunks 
 IPC 10 (about 1-2 h); student 300 epochs ~10 min at IPC 10. Not meant for CPU.
 """
 
-from wmdd_jax import pipeline
+from wmdd_jax.config import default_config
 
 
 def get_config():
   """The official Tiny-ImageNet protocol (see the module docstring)."""
-  c = pipeline.default_config()
-  c.seed = 0
-  c.debug = False
+  c = default_config()  # seed 0
   c.ipc = 10  # run.sh:13 IPC=10
   c.dataset.spec = "folder:data/tiny-imagenet-200"
   c.dataset.options = {
@@ -49,36 +47,31 @@ def get_config():
       "resize": 224,
       # pretrain/presets.py:25-26, recover/utils.py clip(), train_FKD.py:100: ImageNet constants.
       "normalization": "imagenet",
-      # The pipeline's teacher stage holds the train split in memory: 100k x 224 x 224 x 3 bytes
-      # = 14 GiB, over the 8 GiB default (experiments/pretrain.py streams it instead).
+      # The teacher stage holds the train split in memory when it fits this limit: 100k x 224 x
+      # 224 x 3 bytes = 14 GiB, over the 8 GiB default (over the limit it streams the split).
       "load_split_max_bytes": 16 << 30,
   }
-  c.dataset.train_split = "train"
   c.dataset.test_split = "test"  # the official val split (train_FKD.py --val-dir, run.sh:162)
 
   # The official Tiny-ImageNet ResNet-18 stem: conv 3x3/2 padding 3, no max-pool
   # (pretrain.py:258-260, data_synthesis_new.py:35-37, train_FKD.py:166-168).
   stem = {"stem": "tiny_official"}
-  # ---- teacher: run.sh:81-93 (= pretrain/pretrain.sh) with pretrain.py's defaults.
-  c.teacher.update(dict(
-      model="resnet18",             # run.sh:5 MODEL="resnet18"
-      model_options=dict(stem),
-      checkpoint="",
-      epochs=50,                    # run.sh:91 --epochs 50 (recover loads model_49.pth, :107)
-      batch_size=32,                # run.sh:89 --batch-size 32 (one process: the whole batch)
-      learning_rate=0.025,          # run.sh:87 --lr 0.025
-      momentum=0.9,                 # pretrain.py:425 --momentum default 0.9
-      nesterov=False,               # run.sh:86 --opt sgd (pretrain.py:288: not "nesterov")
-      weight_decay=1e-4,            # run.sh:88 --wd 1e-4
-      decay_norm_and_bias=True,     # pretrain.py:436-446 norm/bias decay default None = --wd
-      warmup_epochs=0.0,            # pretrain.py:461 --lr-warmup-epochs default 0
-      label_smoothing=0.0,          # pretrain.py:454 --label-smoothing default 0
-      # presets.py:45-47 RandomResizedCrop(224) + RandomHorizontalFlip(0.5); no auto-augment
-      # (pretrain.py:491), no mixup/cutmix (:456-457), no random erasing (:494).
-      crop_padding=0, flip=True, resized_crop=True,
-      eval_every=5,                 # bookkeeping only (pretrain.py evaluates every epoch)
-      eval_batch_size=250,
-  ))
+  # ---- teacher: run.sh:81-93 (= pretrain/pretrain.sh) with pretrain.py's defaults. Equal to
+  # the config defaults: momentum 0.9 (pretrain.py:425), no Nesterov (run.sh:86 --opt sgd,
+  # pretrain.py:288), weight decay on norm/bias too (pretrain.py:436-446: None = --wd), no
+  # warm-up (:461) or label smoothing (:454), flips (presets.py:45-47), eval_every 5
+  # (bookkeeping only: pretrain.py evaluates every epoch).
+  c.teacher.model = "resnet18"        # run.sh:5 MODEL="resnet18"
+  c.teacher.model_options = dict(stem)
+  c.teacher.epochs = 50               # run.sh:91 --epochs 50 (recover loads model_49.pth, :107)
+  c.teacher.batch_size = 32           # run.sh:89 --batch-size 32 (one process: the whole batch)
+  c.teacher.learning_rate = 0.025     # run.sh:87 --lr 0.025
+  c.teacher.weight_decay = 1e-4       # run.sh:88 --wd 1e-4
+  # presets.py:45-47 RandomResizedCrop(224) + RandomHorizontalFlip(0.5); no auto-augment
+  # (pretrain.py:491), no mixup/cutmix (:456-457), no random erasing (:494).
+  c.teacher.crop_padding = 0
+  c.teacher.resized_crop = True
+  c.teacher.eval_batch_size = 250
 
   # ---- recover: run.sh:104-123 -> recover/data_synthesis_new.py (-n: per-class BN, -w: WB).
   c.barycenter.learn_weights = False  # run.sh:122 --weight-wb false: uniform weights
@@ -119,5 +112,5 @@ def get_config():
       use_weights=True,             # train_FKD.py:269-271 (uniform here: --weight-wb false)
       eval_every=10,                # train_FKD.py:201 validates every 10 epochs and the last
   ))
-  # Cosine schedule over epochs (run.sh:157 --cos, train_FKD.py:182-184) is StudentOptions'.
+  # Cosine schedule over epochs (run.sh:157 --cos, train_FKD.py:182-184) is EvaluateOptions'.
   return c

@@ -8,7 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from wmdd_jax.data.dataset import Source, known_normalization, stratified_holdout
+from wmdd_jax.data.source import (
+    Source,
+    SourceKind,
+    known_normalization,
+    register_source,
+    stratified_holdout,
+)
 from wmdd_jax.errors import ConfigError, DataError, DatasetNotFoundError
 
 FASHION_MNIST_CLASSES = (
@@ -337,3 +343,32 @@ class DigitsSource(ArraySource):
     train, test = stratified_holdout(labels, test_fraction, rng)
     arrays = {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
     super().__init__(spec, arrays, list(MNIST_CLASSES))
+
+
+# ---------------------------------------------------------------------------------- registry
+
+register_source(
+    SourceKind(
+        prefix="idx",
+        form="idx:<dir>  (MNIST-format train-/t10k- IDX files)",
+        options=("variant", "class_names"),
+        open=lambda spec, arg, seed, **own: IdxSource(spec, arg, **own),
+    )
+)
+register_source(
+    SourceKind(
+        prefix="npz",
+        form="npz:<file>  (x_train, y_train, x_test, y_test[, class_names])",
+        options=("class_names",),
+        open=lambda spec, arg, seed, **own: NpzSource(spec, arg, **own),
+    )
+)
+register_source(
+    SourceKind(
+        prefix="digits",
+        form="digits  (sklearn's 8x8 digits, embedded)",
+        options=("test_fraction",),
+        open=lambda spec, arg, seed, **own: DigitsSource(spec, seed=int(seed), **own),
+        takes_argument=False,
+    )
+)

@@ -1,9 +1,10 @@
 """The :class:`Dataset` every source is read through, and :func:`open_dataset`.
 
-A dataset is a *source* (tfds, image folder, IDX files, an ``.npz`` archive, sklearn digits) that
-knows how to list labels and read images by index, wrapped by :class:`Dataset`, which adds what
-every source shares: resizing, label checks, the seeded ``val`` hold-out, per-channel
-normalisation constants, class filtering, shuffling, multi-process sharding and batching.
+A dataset is a *source* (tfds, image folder, IDX files, an ``.npz`` archive, sklearn digits; see
+:mod:`wmdd_jax.data.source` for the base class and the table of spec prefixes) that knows how to
+list labels and read images by index, wrapped by :class:`Dataset`, which adds what every source
+shares: resizing, label checks, the seeded ``val`` hold-out, per-channel normalisation constants,
+class filtering, shuffling, multi-process sharding and batching.
 
 Images always come out as ``u8[B, H, W, ch]`` numpy arrays and labels as ``i32[B]``; turning them
 into normalised float arrays is :mod:`wmdd_jax.data.transforms`' job.
@@ -11,58 +12,37 @@ into normalised float arrays is :mod:`wmdd_jax.data.transforms`' job.
 
 from __future__ import annotations
 
-import abc
 import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
+# isort: off
+# Importing a source module registers its specs in SOURCES; this order is the order in which
+# the spec forms are listed in error messages.
+from wmdd_jax.data import tfds_source, folder, arrays  # noqa: F401
+# isort: on
+from wmdd_jax.data.source import (
+    COMMON_OPTIONS,  # noqa: F401 - also read from here (tests/test_configs.py)
+    NORMALIZATION,
+    SOURCES,
+    Source,
+    parse_spec,
+    split_options,
+    stratified_holdout,
+)
 from wmdd_jax.errors import ConfigError, DataError, DatasetNotFoundError
 
-# Published per-channel constants in [0, 1] pixel scale. CIFAR-10's std is the one the SRe2L/WMDD
-# code uses (the widely copied 0.2023..., not the true pixel std 0.247...), so teachers trained
-# here match theirs; ImageNet's are used for its subsets (ImageNette, Tiny-ImageNet) as WMDD does.
-NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "mnist": ((0.1307,), (0.3081,)),
-    "fashion_mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-
-SPEC_FORMS = (
-    "tfds:<name>[/<config>][:<version>]",
-    "folder:<root>  (layout <root>/<split>/<class>/<image>)",
-    "idx:<dir>  (MNIST-format train-/t10k- IDX files)",
-    "npz:<file>  (x_train, y_train, x_test, y_test[, class_names])",
-    "digits  (sklearn's 8x8 digits, embedded)",
-)
-
-# Options every source accepts; each source adds its own (see open_dataset).
-COMMON_OPTIONS = ("resize", "val_fraction", "seed", "normalization", "load_split_max_bytes")
+# Read by tests/test_configs.py: prefix -> the source's own options. A snapshot of SOURCES taken
+# once the built-in sources are registered; new code should read SOURCES[prefix].options.
+_SOURCE_OPTIONS = {prefix: kind.options for prefix, kind in SOURCES.items()}
 
 VAL_SPLIT = "val"
-
-
-def known_normalization(name: str) -> str | None:
-  """Maps a dataset name (tfds name, folder or file name) to a key of NORMALIZATION, or None."""
-  key = "".join(ch for ch in name.lower() if ch.isalnum())
-  if key.startswith("fashion") and "mnist" in key:
-    return "fashion_mnist"
-  if key in ("mnist",) or (key.startswith("mnist") and key[5:].isdigit()):
-    return "mnist"
-  if key.startswith("cifar100"):
-    return "cifar100"
-  if key.startswith("cifar10"):
-    return "cifar10"
-  if key.startswith(("imagenet", "imagenette", "imagewoof", "tinyimagenet", "imagewang")):
-    return "imagenet"
-  return None
 
 
 def parse_hw(value: Any, what: str) -> tuple[int, int]:
@@ -107,93 +87,6 @@ def fit_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return fit_plane(np.ascontiguousarray(image), "RGB")
   planes = [fit_plane(np.ascontiguousarray(image[..., i]), "L") for i in range(ch)]
   return np.stack(planes, axis=-1)
-
-
-def stratified_holdout(
-    labels: np.ndarray, fraction: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-  """Splits positions ``0..N-1`` into (kept, held out), ``fraction`` of every class held out.
-
-  Each class with at least two examples gives ``round(n_c * fraction)`` examples, at least one
-  and at most ``n_c - 1``, so both parts see every such class. Both index arrays are sorted.
-
-  Args:
-    labels: i32[N].
-    fraction: in (0, 1).
-    rng: the seeded generator that picks which examples.
-
-  Returns:
-    (kept i64[N - M], held i64[M]).
-  """
-  held = []
-  for c in np.unique(labels):
-    where = np.flatnonzero(labels == c)
-    n = len(where)
-    if n < 2:
-      continue
-    take = min(max(int(round(n * fraction)), 1), n - 1)
-    held.append(rng.permutation(where)[:take])
-  held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
-  mask = np.ones(len(labels), bool)
-  mask[held_idx] = False
-  return np.flatnonzero(mask), held_idx
-
-
-class Source(abc.ABC):
-  """What a backend provides. Indices are positions within one of the source's own splits."""
-
-  #: Whether :meth:`read` may be called with any indices (else only :meth:`stream` works).
-  random_access: bool = True
-  #: Names the example whose size set ``native_shape`` (for mixed-size errors), if any.
-  shape_reference: str | None = None
-
-  def __init__(self, spec: str):
-    self.spec = spec
-
-  @property
-  @abc.abstractmethod
-  def splits(self) -> tuple[str, ...]:
-    """The split names, e.g. ('train', 'test')."""
-
-  @property
-  @abc.abstractmethod
-  def class_names(self) -> list[str]:
-    """One name per class, in label order."""
-
-  @property
-  @abc.abstractmethod
-  def native_shape(self) -> tuple[int | None, int | None, int]:
-    """(H, W, ch) of the stored images; H and W are None when they vary."""
-
-  @abc.abstractmethod
-  def labels(self, split: str) -> np.ndarray:
-    """All labels of ``split`` as an integer array [N] (not yet range-checked)."""
-
-  def read(
-      self, split: str, indices: np.ndarray, fit: Callable[[np.ndarray], np.ndarray] | None = None
-  ) -> np.ndarray | list[np.ndarray]:
-    """Images at ``indices``: u8[B, H, W, ch], or a list of u8[h, w, ch] of possibly mixed sizes.
-
-    ``fit``, when given, is the resize the dataset will apply; a source that decodes in worker
-    threads may apply it there (the dataset skips images already of the right size).
-    """
-    raise NotImplementedError
-
-  def stream(self, split: str) -> Iterator[np.ndarray]:
-    """All images of ``split`` in index order (for sources without random access)."""
-    raise NotImplementedError
-
-  def describe(self, split: str, index: int) -> str:
-    """Names one example for error messages (a file path where there is one)."""
-    return f"example {index} of split {split!r} of {self.spec}"
-
-  def default_normalization(self) -> str | None:
-    """A key of NORMALIZATION when the data is a known dataset."""
-    return None
-
-  def stats_cache_path(self) -> str | None:
-    """Where computed mean/std may be stored between runs (None: memory only)."""
-    return None
 
 
 class Dataset:
@@ -657,15 +550,6 @@ def _size(shape: Sequence[int]) -> str:
   return f"{shape[0]}x{shape[1]}x{shape[2]} (HxWxch)"
 
 
-_SOURCE_OPTIONS = {
-    "tfds": ("data_dir", "download", "reader", "image_key", "label_key", "shuffle_buffer"),
-    "folder": ("channels", "num_workers", "verify", "stats_cache"),
-    "idx": ("variant", "class_names"),
-    "npz": ("class_names",),
-    "digits": ("test_fraction",),
-}
-
-
 def open_dataset(spec: str, **options: Any) -> Dataset:
   """Opens a labelled image dataset.
 
@@ -712,46 +596,11 @@ def open_dataset(spec: str, **options: Any) -> Dataset:
     DatasetNotFoundError: a missing path, file or dataset (the message says how to get it).
     DataError: unusable data (corrupt or mixed-size images, bad labels, empty classes).
   """
-  if not isinstance(spec, str):
-    raise ConfigError(f"spec must be a string such as 'digits', got {spec!r}.")
-  kind, sep, arg = spec.partition(":")
-  kind = kind.strip().lower()
-  if kind not in _SOURCE_OPTIONS or (kind != "digits" and not arg.strip()):
-    forms = "\n  ".join(SPEC_FORMS)
-    raise ConfigError(f"unknown dataset spec {spec!r}; valid forms are:\n  {forms}")
-  if kind == "digits" and arg.strip():
-    raise ConfigError(f"spec {spec!r}: 'digits' takes no argument; use spec='digits'.")
-  allowed = COMMON_OPTIONS + _SOURCE_OPTIONS[kind]
-  unknown = sorted(set(options) - set(allowed))
-  if unknown:
-    raise ConfigError(
-        f"unknown option(s) {unknown} for a {kind!r} dataset; it accepts {sorted(allowed)}."
-    )
-  common = {k: options[k] for k in COMMON_OPTIONS if k in options}
-  own = {k: options[k] for k in _SOURCE_OPTIONS[kind] if k in options}
-  arg = arg.strip()
-  source: Source
+  kind, arg = parse_spec(spec)
+  common, own = split_options(kind, options)
+  # verify (an option of the sources that list it) is the same for every source: done below.
   verify = bool(own.pop("verify", False))
-  if kind == "tfds":
-    from wmdd_jax.data.tfds_source import TfdsSource
-
-    source = TfdsSource(spec, arg, **own)
-  elif kind == "folder":
-    from wmdd_jax.data.folder import FolderSource
-
-    source = FolderSource(spec, arg, channels=own.pop("channels", None), **own)
-  elif kind == "idx":
-    from wmdd_jax.data.arrays import IdxSource
-
-    source = IdxSource(spec, arg, **own)
-  elif kind == "npz":
-    from wmdd_jax.data.arrays import NpzSource
-
-    source = NpzSource(spec, arg, **own)
-  else:
-    from wmdd_jax.data.arrays import DigitsSource
-
-    source = DigitsSource(spec, seed=int(common.get("seed", 0)), **own)
+  source = kind.open(spec, arg, seed=common.get("seed", 0), **own)
   dataset = Dataset(source, **common)
   if verify:
     # Decoding everything once surfaces corrupt and mixed-size files now rather than mid-run.

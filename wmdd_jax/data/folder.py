@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from wmdd_jax.data.dataset import Source, known_normalization
+from wmdd_jax.data.source import Source, SourceKind, known_normalization, register_source
 from wmdd_jax.errors import ConfigError, DataError, DatasetNotFoundError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -185,3 +185,13 @@ class FolderSource(Source):
 
   def stats_cache_path(self) -> str | None:
     return os.path.join(self._root, STATS_CACHE_NAME) if self._stats_cache else None
+
+
+register_source(
+    SourceKind(
+        prefix="folder",
+        form="folder:<root>  (layout <root>/<split>/<class>/<image>)",
+        options=("channels", "num_workers", "verify", "stats_cache"),
+        open=lambda spec, arg, seed, **own: FolderSource(spec, arg, **own),
+    )
+)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from wmdd_jax.data.dataset import Source, known_normalization
+from wmdd_jax.data.source import Source, SourceKind, known_normalization, register_source
 from wmdd_jax.errors import ConfigError, DataError, DatasetNotFoundError
 
 _PROBED_SPLITS = ("train", "validation", "test")
@@ -227,3 +227,13 @@ class TfdsSource(Source):
     ds = self._tf_dataset(split, skip_images=False)
     for example in self._tfds.as_numpy(ds):
       yield np.asarray(example[self._image_key], np.uint8)
+
+
+register_source(
+    SourceKind(
+        prefix="tfds",
+        form="tfds:<name>[/<config>][:<version>]",
+        options=("data_dir", "download", "reader", "image_key", "label_key", "shuffle_buffer"),
+        open=lambda spec, arg, seed, **own: TfdsSource(spec, arg, **own),
+    )
+)

@@ -138,8 +138,9 @@ def init_model(model: nn.Module, key: jax.Array, image_shape: tuple[int, int, in
   lowered = init.lower(key, x)
   try:
     # Init runs once and its forward pass is dead code, but fully optimising the dozens of RNG
-    # initialisers costs XLA:CPU 15-20 s of compilation for a ResNet-18; backend (LLVM)
-    # optimisation level 1 takes ~2.5 s, runs as fast, and gives the same values up to rounding.
+    # initialisers is slow to compile on XLA:CPU for a ResNet-18; backend (LLVM) optimisation
+    # level 1 compiles several times faster, runs as fast, and gives the same values up to
+    # rounding.
     compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 1})
   except Exception:  # an XLA build that does not know the option: compile normally
     compiled = lowered.compile()

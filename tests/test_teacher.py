@@ -12,22 +12,16 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from wmdd_jax import CheckpointError, ConfigError, train
+from wmdd_jax import CheckpointError, ConfigError
+from wmdd_jax import teacher as teacher_lib
 from wmdd_jax.checkpoint import load_teacher, save_teacher
 from wmdd_jax.models import get_model, init_model
-from wmdd_jax.train import (
-    TeacherConfig,
-    array_batches,
-    cosine_schedule,
-    create_train_state,
-    evaluate,
-    make_optimizer,
-    train_teacher,
-)
+from wmdd_jax.teacher import TeacherOptions, cosine_schedule, make_optimizer, train_teacher
+from wmdd_jax.training import array_batches, create_train_state, evaluate
 
 # A ConvNet-D3 of width 32 on 8x8 digits: ~97% test top-1 after 8 epochs, in a few seconds.
 _MODEL = dict(name="convnet_d3", num_classes=10, width=32)
-_CONFIG = TeacherConfig(epochs=8, batch_size=64, learning_rate=0.05, weight_decay=5e-4,
+_CONFIG = TeacherOptions(epochs=8, batch_size=64, learning_rate=0.05, weight_decay=5e-4,
                         crop_padding=1, flip=False, eval_every=4, seed=0)
 
 
@@ -81,7 +75,7 @@ def test_callable_data_source(digits):
   (x, y), test, mean, std = digits
   # The teacher fixture's model and augmentation: the cached, compiled steps are reused.
   model = get_model(_MODEL["name"], _MODEL["num_classes"], width=_MODEL["width"])
-  config = TeacherConfig(epochs=1, batch_size=64, learning_rate=0.05, max_steps_per_epoch=3,
+  config = TeacherOptions(epochs=1, batch_size=64, learning_rate=0.05, max_steps_per_epoch=3,
                          max_eval_batches=1, eval_batch_size=64, crop_padding=1, flip=False)
   source = lambda epoch: array_batches(x, y, 64, shuffle=True, seed=epoch, drop_remainder=True)
   with pytest.raises(ConfigError, match="steps_per_epoch"):
@@ -121,13 +115,13 @@ def test_optimizer_schedule_and_weight_decay_mask():
     assert np.all(np.asarray(updates["kernel"]) < 0)
     assert np.any(np.asarray(updates["bias"]) != 0) == bias_moves
   with pytest.raises(ConfigError, match="label_smoothing"):
-    TeacherConfig(label_smoothing=1.5)
+    TeacherOptions(label_smoothing=1.5)
 
 
 def test_augment_shapes_and_identity():
   x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 3))
   key = jax.random.key(1)
-  augment = jax.jit(train.augment, static_argnames=("crop_padding", "flip", "resized_crop"))
+  augment = jax.jit(teacher_lib.augment, static_argnames=("crop_padding", "flip", "resized_crop"))
   same = augment(key, x, crop_padding=0, flip=False)
   np.testing.assert_array_equal(same, x)
   flipped = augment(key, x, crop_padding=0, flip=True)
@@ -201,12 +195,12 @@ def test_data_parallel_over_two_devices(tmp_path):
       import sys, json
       sys.path.insert(0, {os.path.dirname(__file__)!r})
       import jax
-      from test_train import _digits
+      from test_teacher import _digits
       from wmdd_jax.models import get_model, init_model
-      from wmdd_jax.train import TeacherConfig, train_teacher
+      from wmdd_jax.teacher import TeacherOptions, train_teacher
       assert jax.local_device_count() == 2
       train, test, mean, std = _digits()
-      config = TeacherConfig(epochs=6, batch_size=63, learning_rate=0.05, crop_padding=1,
+      config = TeacherOptions(epochs=6, batch_size=63, learning_rate=0.05, crop_padding=1,
                              flip=False, eval_every=6, eval_batch_size=101)
       train_teacher(get_model("convnet_d3", 10, width=16), train, test, config, mean=mean,
                     std=std, metrics_path={str(tmp_path / "m.jsonl")!r}, progress=False)

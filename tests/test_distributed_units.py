@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wmdd_jax import ConfigError, units
+from wmdd_jax import ConfigError
+from wmdd_jax.distributed import units
 
 
 def test_bounds_cover_every_row_once_in_order():

@@ -8,19 +8,20 @@ batch, merged into the running per-class state with Chan's parallel update, whic
 cancellation of E[x^2] - E[x]^2. The state is O(C x total BN channels), so ImageNet-1K fits;
 features are kept in host memory or, for large sets, written to a memory-mapped ``.npy`` file.
 
-Data parallel (``mesh=``, see :mod:`wmdd_jax.parallel`): each batch's forward pass is split
-along the mesh's axis; the small per-sample moments are gathered and summed per class by a
-replicated program, so no cross-device sum reorders the additions. The result still equals the
-single-device one only up to round-off (about 1e-7), because XLA optimises a partitioned program
-differently; ``units=N`` (:mod:`wmdd_jax.units`) makes it bit-identical for any device count.
+Data parallel (an :class:`~wmdd_jax.distributed.Execution`): each batch's forward pass is split
+over the devices; the small per-sample moments are gathered and summed per class by a replicated
+program, so no cross-device sum reorders the additions. Sharded, the result equals the
+single-device one up to round-off, because XLA optimises a partitioned program differently; work
+units make it bit-identical for any device count.
 With several processes each one feeds its own shard of the data (``iter_batches(...,
 process_index=jax.process_index(), process_count=jax.process_count())``); the statistics are
 global on every process, the features are the process's own rows
-(:func:`wmdd_jax.parallel.gather_interleaved` restores the global order).
+(:func:`wmdd_jax.distributed.gather_interleaved` restores the global order).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -29,13 +30,28 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from wmdd_jax import parallel
-from wmdd_jax import units as units_lib
-from wmdd_jax.errors import DataError, NonFiniteError, ShapeError
+from wmdd_jax.distributed import Execution
+from wmdd_jax.errors import ConfigError, DataError, NonFiniteError, ShapeError
 from wmdd_jax.models.base import apply_model
+
+
+@dataclasses.dataclass(frozen=True)
+class StatisticsOptions:
+  """Options of the statistics stage (config section ``stats``).
+
+  Attributes:
+    batch_size: images per compiled forward pass (per process with a mesh); the last, short
+      batch is padded and masked.
+  """
+
+  batch_size: int = 256
+
+  def __post_init__(self):
+    if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
+        or self.batch_size < 1:
+      raise ConfigError(f"stats.batch_size must be an int >= 1, got {self.batch_size!r}.")
 
 
 class ClassStatistics(NamedTuple):
@@ -72,29 +88,29 @@ _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 in the per-class sums on GPUs
 
 
 class StatsStep:
-  """The per-batch statistics step: a jitted forward, then a jitted per-class accumulation.
+  """The per-batch statistics step: a forward pass over the batch's rows, then a per-class
+  accumulation of its rows.
 
   ``step(acc, variables, images u8[B, H, W, ch], labels i32[B], mask f32[B])`` adds one batch to
-  the accumulator and returns ``(acc, features f32[B, d])``; ``mask`` zeroes padding rows, so the
-  last (short) batch is padded to the same shape and nothing recompiles.
+  the accumulator and returns ``(acc, features, live)``: ``features`` f32[B, d] (split like the
+  batch on a mesh: read it with ``execution.rows_to_host``), ``live`` f32[] the number of real
+  rows of the global batch (processes that ran out of data use it to stop together). ``mask``
+  zeroes padding rows, so the last (short) batch is padded to the same shape and nothing
+  recompiles.
 
-  With a mesh the forward takes the batch split along the mesh axis and the teacher replicated;
-  it returns the per-sample BN-input moments, labels and mask *gathered* onto every device, and
-  the features split like the batch. The accumulation then runs replicated on the gathered
-  batch, with no cross-device sum (the gathered moments are small: two floats per sample and BN
-  channel). The step then returns ``(acc, features, live)``, ``live``
-  f32[] the number of real rows of the global batch (processes that ran out of data use it to
-  stop together).
+  The forward returns the per-sample BN-input moments, labels and mask whole (gathered on a
+  mesh; small: two floats per sample and BN channel) and the features split like the batch; the
+  accumulation then runs on the whole rows with no cross-device sum.
 
   Attributes:
-    forward: the jitted ``(variables, images, labels, mask) -> (moments, labels, mask,
-      features)`` (exposed for ahead-of-time memory analysis).
-    accumulate: the jitted ``(acc, moments, labels, mask) -> acc``; ``acc`` is donated.
+    forward: ``(variables, images, labels, mask) -> (moments, labels, mask, features)`` of the
+      execution (exposed for ahead-of-time memory analysis).
+    accumulate: ``(acc, moments, labels, mask) -> acc`` (jitted; ``acc`` is donated).
   """
 
   def __init__(self, model: nn.Module, num_classes: int, mean: Any, std: Any, *,
-               mesh: Mesh | None = None):
-    self.mesh = mesh
+               execution: Execution | None = None):
+    self.execution = execution = execution or Execution()
     mean = jnp.asarray(mean, jnp.float32)
     std = jnp.asarray(std, jnp.float32)
 
@@ -121,26 +137,17 @@ class StatsStep:
         new["m2"].append(acc["m2"][layer] + m2_b + delta * delta * (n * frac[:, 0])[:, None])
       return new
 
-    if mesh is None:
-      self.forward = jax.jit(forward)
-      self.accumulate = jax.jit(accumulate, donate_argnums=(0,))
-    else:
-      rep, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-      self.forward = jax.jit(forward, in_shardings=(rep, split, split, split),
-                             out_shardings=(rep, rep, rep, split))
-      self.accumulate = jax.jit(accumulate, donate_argnums=(0,), in_shardings=rep,
-                                out_shardings=rep)
+    self.forward = execution.row_pass(forward, 1, gathered=(True, True, True, False))
+    self.accumulate = execution.replicated(accumulate, donate_argnums=(0,))
 
   def __call__(self, acc, variables, images, labels, mask):
     moments, labels, mask, features = self.forward(variables, images, labels, mask)
     acc = self.accumulate(acc, moments, labels, mask)
-    if self.mesh is None:
-      return acc, features
     return acc, features, jnp.sum(mask)
 
 
 def make_stats_step(model: nn.Module, num_classes: int, mean: Any, std: Any, *,
-                    mesh: Mesh | None = None) -> StatsStep:
+                    execution: Execution | None = None) -> StatsStep:
   """Builds the per-batch accumulation step (see :class:`StatsStep`).
 
   Args:
@@ -148,9 +155,9 @@ def make_stats_step(model: nn.Module, num_classes: int, mean: Any, std: Any, *,
     num_classes: C.
     mean: per-channel normalisation mean, pixel scale [0, 1].
     std: per-channel normalisation std.
-    mesh: split each batch over this device mesh; None: the default device.
+    execution: how the forward pass runs on devices (default: one device).
   """
-  return StatsStep(model, num_classes, mean, std, mesh=mesh)
+  return StatsStep(model, num_classes, mean, std, execution=execution)
 
 
 def _empty_accumulator(model, variables, image_shape, num_classes):
@@ -174,8 +181,7 @@ def compute_class_statistics(
     total: int | None = None,
     keep_features: bool = True,
     feature_path: str | os.PathLike | None = None,
-    mesh: Mesh | None = None,
-    units: int = 0,
+    execution: Execution | None = None,
     progress: bool = True,
 ) -> tuple[ClassStatistics, Features | None]:
   """Streams the real train split once through the eval-mode teacher.
@@ -194,12 +200,10 @@ def compute_class_statistics(
     keep_features: also return the penultimate features.
     feature_path: write features to this ``.npy`` file (memory-mapped; needs ``total``) instead of
       holding them in memory.
-    mesh: split each batch over this device mesh (:func:`wmdd_jax.parallel.make_mesh`); None:
-      the default device. ``batch_size`` is then per process, rounded up to a multiple of the
-      process's devices; with several processes ``batches`` is this process's shard.
-    units: N > 0: each batch's forward pass cut into N deterministic work units spread over the
-      mesh's devices, the per-class sums on the first device (:mod:`wmdd_jax.units`):
-      bit-identical for any device count. 0: the batch split by XLA as above.
+    execution: how each batch's forward pass runs on devices (:mod:`wmdd_jax.distributed`;
+      default: one device). Sharded: ``batch_size`` is per process, rounded up to a multiple of
+      the process's devices; with several processes ``batches`` is this process's shard. Work
+      units: the per-class sums on the first device, bit-identical for any device count.
     progress: show a tqdm bar.
 
   Returns:
@@ -212,18 +216,14 @@ def compute_class_statistics(
     NonFiniteError: the statistics contain NaN or Inf (a broken teacher or unnormalised input).
   """
   image_shape = tuple(image_shape)
-  units = units_lib.check_units(units)
-  acc = _empty_accumulator(model, variables, image_shape, num_classes)
-  step = make_stats_step(model, num_classes, mean, std, mesh=None if units else mesh)
-  compiled_batch = batch_size
-  if units:
-    step = _UnitStats(step, units_lib.devices_of(mesh), units, variables)
-    mesh = None  # from here on the loop is the single-device one
-  elif mesh is not None:
-    # Pad every process's batch to a multiple of its devices, so the global batch splits evenly.
-    compiled_batch = parallel.padded_size(batch_size, parallel.local_batch_multiple(mesh))
-    acc = parallel.replicate(acc, mesh, copy=True)
-    variables = parallel.replicate(variables, mesh)
+  execution = execution or Execution()
+  step = make_stats_step(model, num_classes, mean, std, execution=execution)
+  # Pad every process's batch to a multiple of its devices, so the global batch splits evenly.
+  multiple = execution.pad_multiple()
+  compiled_batch = max(1, -(-batch_size // multiple)) * multiple
+  acc = execution.place(_empty_accumulator(model, variables, image_shape, num_classes),
+                        copy=True)
+  variables = execution.place(variables)
   feats, labs, offset = [], [], 0
   memmap = None  # the feature file, created at the first batch once d is known
   image_dtype = np.dtype(np.uint8)
@@ -251,14 +251,9 @@ def compute_class_statistics(
       if pad:
         images = np.concatenate([images, np.zeros((pad, *image_shape), images.dtype)])
         labels = np.concatenate([labels, np.zeros(pad, np.int32)])
-      if mesh is None:
-        acc, f = step(acc, variables, images, labels, mask)
-      else:
-        acc, f, _ = step(acc, variables, *parallel.from_process_local((images, labels, mask),
-                                                                      mesh))
+      acc, f, _ = step(acc, variables, *execution.put_rows((images, labels, mask)))
       if keep_features:
-        f = np.asarray((f if mesh is None else parallel.to_process_local(f, mesh))[:b],
-                       np.float32)
+        f = np.asarray(execution.rows_to_host(f)[:b], np.float32)
         if memmap is None and feature_path is not None:
           memmap = np.lib.format.open_memmap(
               os.fspath(feature_path), mode="w+", dtype=np.float32, shape=(total, f.shape[1]))
@@ -269,8 +264,8 @@ def compute_class_statistics(
         labs.append(labels[:b].copy())
       offset += b
       bar.update(b)
-  if mesh is not None and jax.process_count() > 1:
-    acc = _drain(step, acc, variables, mesh, compiled_batch, image_shape, image_dtype)
+  if execution.multi_process:
+    acc = _drain(step, acc, variables, execution, compiled_batch, image_shape, image_dtype)
   stats = finalize_statistics(jax.device_get(acc))
   features = None
   if keep_features:
@@ -284,26 +279,7 @@ def compute_class_statistics(
   return stats, features
 
 
-class _UnitStats:
-  """:class:`StatsStep` as deterministic work units: unit g's forward on device g % D, then the
-  units' rows gathered in order and accumulated on the first device (the single-device
-  program)."""
-
-  def __init__(self, step: StatsStep, devices, units, variables):
-    self.step, self.devices, self.units = step, devices, units
-    self.copies = units_lib.replicas(variables, devices)
-
-  def __call__(self, acc, variables, images, labels, mask):
-    del variables  # the per-device copies made at construction
-    parts = units_lib.map_units(
-        lambda g, d, lo, hi: self.step.forward(self.copies[d], *jax.device_put(
-            (images[lo:hi], labels[lo:hi], mask[lo:hi]), self.devices[d])),
-        len(labels), self.units, self.devices)
-    moments, labels, mask, features = units_lib.gather_rows(parts, self.devices[0])
-    return self.step.accumulate(acc, moments, labels, mask), features
-
-
-def _drain(step, acc, variables, mesh, batch, image_shape, image_dtype):
+def _drain(step, acc, variables, execution, batch, image_shape, image_dtype):
   """Keeps stepping with empty batches until no process has data left.
 
   Every step is one collective program that all processes must run, but shards may differ by a
@@ -315,7 +291,7 @@ def _drain(step, acc, variables, mesh, batch, image_shape, image_dtype):
   empty = (np.zeros((batch, *image_shape), image_dtype), np.zeros(batch, np.int32),
            np.zeros(batch, np.float32))
   while True:
-    acc, _, live = step(acc, variables, *parallel.from_process_local(empty, mesh))
+    acc, _, live = step(acc, variables, *execution.put_rows(empty))
     if float(live) == 0:
       return acc
 

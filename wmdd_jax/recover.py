@@ -51,10 +51,11 @@ Under ``per_class`` results do not depend on how classes are chunked; a resumed 
 bit-identical under both objectives. Chunks whose last part is short are padded by repeating the
 last class; the repeats are masked out of every term, so they change nothing.
 
-Several devices (``mesh=``, see :mod:`wmdd_jax.parallel`): each chunk's class axis is split over
-the mesh (images, Adam moments, targets and class ids), the teacher is replicated, and the
-chunk-wide sums of the official loss are reduced across devices by XLA; chunks are padded to a
-multiple of the device count. Under ``per_class`` the chunk can be chosen from a per-device
+Several devices (an :class:`~wmdd_jax.distributed.Execution`): on a mesh each chunk's class axis
+is split over the devices (images, Adam moments, targets and class ids), the teacher is
+replicated, and the chunk-wide sums of the official loss are reduced across devices by XLA;
+chunks are padded to a multiple of the device count. Work units run whole chunks on devices
+``chunk % D``. Under ``per_class`` the chunk can be chosen from a per-device
 memory budget (:func:`choose_class_chunk`), measured on the compiled step rather than guessed.
 """
 
@@ -70,12 +71,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from wmdd_jax import parallel
-from wmdd_jax import units as units_lib
 from wmdd_jax.data import transforms
+from wmdd_jax.distributed import Execution, peak_bytes
 from wmdd_jax.errors import ConfigError, NonFiniteError, ShapeError
 from wmdd_jax.models.base import apply_model, pool_moments
 
@@ -117,7 +116,8 @@ class RecoverOptions:
       224, 1/7), drawn in [0, max] as the official code does.
     init: "noise" (N(0, 1) in normalised space) or "real" (images given by the caller).
     steps_per_call: steps run between host syncs (progress, NaN checks, checkpoints).
-    scan: fuse each block of steps into one ``lax.scan`` (slower on CPU, see bench/step.py).
+    scan: fuse each block of steps into one ``lax.scan`` (slower on CPU: bench/recover.py,
+      docs/benchmarks.md).
   """
 
   iterations: int = 2000
@@ -258,6 +258,11 @@ def _augment(key, images, class_ids, options: RecoverOptions):
   return jax.vmap(per_class)(class_ids, images)
 
 
+def _first_occurrences_host(ids: np.ndarray) -> np.ndarray:
+  ids = np.asarray(ids)
+  return np.concatenate([[True], ids[1:] != ids[:-1]])
+
+
 def first_occurrences(class_ids: jax.Array) -> jax.Array:
   """bool[C]: True where a class id is not a padding repeat of the previous one."""
   return jnp.concatenate([jnp.ones((1,), bool), class_ids[1:] != class_ids[:-1]])
@@ -360,12 +365,8 @@ def chunk_loss(
                  "ce": ce}
 
 
-def clip_to_valid(images: jax.Array, mean: Any, std: Any) -> jax.Array:
-  return transforms.clip_to_valid(images, jnp.asarray(mean), jnp.asarray(std))
-
-
 def make_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: Any, *,
-                   mesh: Mesh | None = None
+                   execution: Execution | None = None
                    ) -> Callable[..., tuple[RecoverState, dict[str, jax.Array]]]:
   """Builds ``run(state, variables, targets, class_ids, key, num_steps)``.
 
@@ -378,10 +379,11 @@ def make_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: An
   ``run.step`` is the jitted single step ``(state, variables, targets, class_ids, key) ->
   (state, metrics)``.
 
-  With a ``mesh`` the inputs are expected split along the class axis (:func:`shard_chunk`), the
-  new state keeps that split (so the donated buffers are reused) and the metrics are replicated,
-  so every process can read them.
+  The inputs are laid out as ``execution.chunk_placement`` puts them (on a mesh: split along
+  the class axis); the new state keeps that layout (so the donated buffers are reused) and the
+  metrics are whole, so every process can read them.
   """
+  execution = execution or Execution()
   tx = make_optimizer(options)
   grad_fn = jax.grad(chunk_loss, has_aux=True)
   mean = jnp.asarray(mean, jnp.float32)
@@ -403,10 +405,8 @@ def make_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: An
                "ce": mean_real(aux["ce"]), "class_feature": aux["feature"],
                "class_bn": aux["bn"], "class_ce": aux["ce"]}
     new = RecoverState(images, opt_state, state.step + 1)
-    if mesh is not None:
-      new = parallel.constrain_leading(new, mesh, images.shape[0])
-      metrics = parallel.constrain_replicated(metrics, mesh)
-    return new, metrics
+    return (execution.constrain_classes(new, images.shape[0]),
+            execution.constrain_whole(metrics))
 
   step = jax.jit(lambda state, variables, targets, class_ids, key: one_step(
       state, None, variables, targets, class_ids, key), donate_argnums=(0,))
@@ -433,22 +433,22 @@ def make_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: An
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_update_fn(model, options, mean, std, mesh):
-  return make_update_fn(model, options, mean, std, mesh=mesh)
+def _cached_update_fn(model, options, mean, std, execution):
+  return make_update_fn(model, options, mean, std, execution=execution)
 
 
 def _shared_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: Any,
-                      mesh: Mesh | None):
-  """:func:`make_update_fn`, one per distinct (model, options, mean, std, mesh).
+                      execution: Execution):
+  """:func:`make_update_fn`, one per distinct (model, options, mean, std, execution).
 
   Sharing the jitted functions lets later calls reuse their compilations: the chunk size that
   :func:`choose_class_chunk` measured, a resumed or repeated ``recover``.
   """
   try:
     key = tuple(float(x) for x in np.ravel(mean)), tuple(float(x) for x in np.ravel(std))
-    return _cached_update_fn(model, options, *key, mesh)
+    return _cached_update_fn(model, options, *key, execution)
   except TypeError:  # an unhashable model: build a fresh one
-    return make_update_fn(model, options, mean, std, mesh=mesh)
+    return make_update_fn(model, options, mean, std, execution=execution)
 
 
 def check_finite(metrics: dict[str, np.ndarray], class_ids: np.ndarray, first_step: int):
@@ -490,9 +490,8 @@ def recover(
     resume: Callable[[int, RecoverState], RecoverState | None] | None = None,
     on_block: Callable[[int, RecoverState, dict[str, np.ndarray]], None] | None = None,
     progress: bool = True,
-    mesh: Mesh | None = None,
+    execution: Execution | None = None,
     memory_budget_bytes: int | None = None,
-    units: int = 0,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Runs the recover stage over all classes, ``class_chunk`` classes at a time.
 
@@ -512,19 +511,18 @@ def recover(
     on_block: called after every ``steps_per_call`` block with (chunk_index, state, metrics of
       the block); use it to checkpoint or log.
     progress: show a tqdm bar.
-    mesh: split each chunk's classes over this device mesh (:func:`wmdd_jax.parallel.make_mesh`);
-      chunks are padded to a multiple of its size. None: the default device. With several
-      processes every process runs ``recover`` (on the same targets) and gets all the images;
-      ``resume``/``on_block`` see sharded states (use
-      :class:`wmdd_jax.checkpoint.RecoverCheckpointer`).
+    execution: how the chunks run on devices (:mod:`wmdd_jax.distributed`; default: one
+      device). On a mesh each chunk's classes are split over the devices (chunks padded to a
+      multiple of the device count); with several processes every process runs ``recover`` (on
+      the same targets) and gets all the images, and ``resume``/``on_block`` see sharded states
+      (use :class:`wmdd_jax.checkpoint.RecoverCheckpointer`). With work units the classes are
+      cut into chunks of at most ceil(C / units) classes (when the loss couples classes,
+      ``options.couples_classes``, the chunk stays as the objective sets it), each optimised by
+      the single-device program on device ``chunk % D``, D chunks at a time: the result is
+      bit-identical for any device count.
     memory_budget_bytes: when set, the chunk is the largest (at most ``class_chunk``, or all
       classes) whose compiled step needs at most this many bytes per device
       (:func:`choose_class_chunk`).
-    units: N > 0: deterministic work units (:mod:`wmdd_jax.units`): the classes are cut into
-      chunks of ceil(C / N) classes (at most ``class_chunk``; when the loss couples classes,
-      ``options.couples_classes``, the chunk stays as the objective sets it), each optimised by the
-      single-device program on device ``chunk % D`` of the mesh, D chunks at a time: the result
-      is bit-identical for any device count. 0: each chunk split over the mesh by XLA.
 
   Returns:
     (images f32[C, k, H, W, ch], history) with history {"loss", "feature", "bn", "ce"}: f32[T]
@@ -542,7 +540,7 @@ def recover(
                      f"[{num_classes}, {ipc}, d]: compute barycenters with num_support=ipc.")
   if options.init == "real" and initial_images is None:
     raise ConfigError("recover init='real' needs initial_images (random real images per class).")
-  units = units_lib.check_units(units)
+  execution = execution or Execution()
   if class_chunk < 0:
     raise ConfigError(f"recover class_chunk={class_chunk} must be >= 0 (0: the objective's "
                       "default, see RecoverOptions.batch_size).")
@@ -555,33 +553,27 @@ def recover(
     return _recover_slots(model, variables, targets, ipc=ipc, image_shape=image_shape,
                           mean=mean, std=std, options=options, key=key,
                           class_chunk=class_chunk, initial_images=initial_images,
-                          resume=resume, on_block=on_block, progress=progress, mesh=mesh,
-                          units=units)
+                          resume=resume, on_block=on_block, progress=progress,
+                          execution=execution)
   chunk = min(class_chunk or options.default_chunk(ipc, num_classes), num_classes)
-  devices = [None]
-  if units:
-    if not options.couples_classes:
-      # Classes are independent: any chunking gives the same result, so one chunk per unit.
-      chunk = min(chunk, -(-num_classes // units))
-    devices = units_lib.devices_of(mesh)
-    mesh = None  # every chunk is a single-device program
+  # Which classes share a chunk is part of the loss unless classes are independent.
+  coupled = options.couples_classes
+  if not coupled:
+    # Classes are independent: any chunking gives the same result (the execution may want
+    # smaller chunks, e.g. one per work unit).
+    chunk = execution.class_chunk(chunk, num_classes)
   init_key = jax.random.fold_in(key, 0)
   aug_key = jax.random.fold_in(key, 1)
-  run = _shared_update_fn(model, options, mean, std, mesh)
+  run = _shared_update_fn(model, options, mean, std, execution)
   if memory_budget_bytes:
     chunk = choose_class_chunk(model, variables, targets, ipc=ipc, image_shape=image_shape,
                                mean=mean, std=std, options=options,
-                               memory_budget_bytes=memory_budget_bytes, mesh=mesh,
+                               memory_budget_bytes=memory_budget_bytes, execution=execution,
                                max_chunk=chunk, step=run.step)
-  # Which classes share a chunk is part of the loss unless classes are independent.
-  coupled = options.couples_classes
-  width = chunk  # classes per compiled chunk (with padding)
-  if mesh is not None:
-    width = parallel.padded_size(chunk, mesh.devices.size)
-    if not coupled:
-      chunk = width  # independent classes: fill the padding with real classes instead
-    variables = parallel.replicate(variables, mesh)
-    init_key, aug_key = parallel.replicate((init_key, aug_key), mesh)
+  multiple = execution.class_multiple
+  width = max(1, -(-chunk // multiple)) * multiple  # classes per compiled chunk (with padding)
+  if not coupled:
+    chunk = width  # independent classes: fill the padding with real classes instead
   images_out = np.zeros((num_classes, ipc, *image_shape), np.float32)
   # history[name][chunk, step]; NaN where a resumed chunk's earlier steps were not seen.
   names = ("loss", "feature", "bn", "ce")
@@ -592,36 +584,24 @@ def recover(
   # out and their images are dropped.
   chunks = [np.minimum(np.arange(s, s + width), min(s + chunk, num_classes) - 1)
             for s in range(0, num_classes, chunk)]
-  # Per device: the teacher and the augmentation key (units only; else the default placement).
-  placed = [(variables, aug_key) if d is None else jax.device_put((variables, aug_key), d)
-            for d in devices]
+  # The teacher and the augmentation key where the chunks read them.
+  placed = execution.chunk_constants((variables, aug_key))
   bar = tqdm(total=len(chunks) * options.iterations, desc="recover", unit="step",
              disable=not progress, leave=False)
 
   def start(index, class_ids):
-    if mesh is not None:
-      state, chunk_targets, ids = shard_chunk(
-          mesh, targets, class_ids, init_key=init_key, ipc=ipc, image_shape=image_shape,
-          options=options, initial_images=initial_images)
-    else:
-      if options.init == "real":
-        begin = jnp.asarray(initial_images[class_ids], jnp.float32)
-      else:
-        begin = init_images(init_key, class_ids, ipc, image_shape)
-      state = init_state(begin, options)
-      chunk_targets = jax.tree.map(jnp.asarray, targets.take(class_ids))
-      ids = jnp.asarray(class_ids, jnp.int32)
-      device = devices[index % len(devices)]
-      if device is not None:
-        state, chunk_targets, ids = jax.device_put((state, chunk_targets, ids), device)
+    state, chunk_targets, ids = start_chunk(
+        execution, index, targets, class_ids, init_key=init_key, ipc=ipc,
+        image_shape=image_shape, options=options, initial_images=initial_images)
     if resume is not None:
       state = resume(index, state) or state
     return state, chunk_targets, ids
 
   # Chunks run in waves of one per device (units), else one at a time: each block is dispatched
   # for every chunk of the wave before any result is read, so the devices work concurrently.
-  for first in range(0, len(chunks), len(devices)):
-    wave = list(range(first, min(first + len(devices), len(chunks))))
+  wave_size = execution.chunk_wave
+  for first in range(0, len(chunks), wave_size):
+    wave = list(range(first, min(first + wave_size, len(chunks))))
     live = {}
     for index in wave:
       state, chunk_targets, ids = start(index, chunks[index])
@@ -653,8 +633,8 @@ def recover(
         if on_block is not None:
           on_block(index, live[index][0], metrics)
     for index in wave:
-      real = parallel.first_occurrences(chunks[index])
-      images_out[chunks[index][real]] = parallel.gather(live[index][0].images)[real]
+      real = _first_occurrences_host(chunks[index])
+      images_out[chunks[index][real]] = np.asarray(execution.to_host(live[index][0].images))[real]
   bar.close()
   with np.errstate(all="ignore"):
     return images_out, {k: np.nanmean(v, axis=0) for k, v in history.items()}
@@ -662,7 +642,7 @@ def recover(
 
 def _recover_slots(model, variables, targets: RecoverTargets, *, ipc, image_shape, mean, std,
                    options: RecoverOptions, key, class_chunk, initial_images, resume, on_block,
-                   progress, mesh, units):
+                   progress, execution):
   """The official data_synthesis.py loop (``layout="slot"``): IPC rounds of one image per class.
 
   Round j optimises image j of every class (barycenter point j), ``class_chunk`` (default
@@ -688,7 +668,7 @@ def _recover_slots(model, variables, targets: RecoverTargets, *, ipc, image_shap
         initial_images=initial,
         resume=None if resume is None else (lambda i, st, o=offset: resume(o + i, st)),
         on_block=None if on_block is None else (lambda i, st, m, o=offset: on_block(o + i, st, m)),
-        progress=progress, mesh=mesh, units=units)
+        progress=progress, execution=execution)
     images[:, j] = out[:, 0]
     histories.append(history)
   with np.errstate(all="ignore"):
@@ -700,8 +680,9 @@ def _recover_slots(model, variables, targets: RecoverTargets, *, ipc, image_shap
 # Several devices.
 
 
-def shard_chunk(
-    mesh: Mesh,
+def start_chunk(
+    execution: Execution,
+    index: int,
     targets: RecoverTargets,
     class_ids: np.ndarray,
     *,
@@ -711,16 +692,17 @@ def shard_chunk(
     options: RecoverOptions,
     initial_images: np.ndarray | None = None,
 ) -> tuple[RecoverState, RecoverTargets, jax.Array]:
-  """The fresh state, targets and ids of one chunk, split along the class axis of ``mesh``.
+  """The fresh state, targets and ids of chunk ``index``, where ``execution`` places it.
 
-  The initial noise is drawn on the devices that own each class (the same values as
-  :func:`init_images`: random bits do not depend on the sharding), so no device ever holds the
+  On a mesh the initial noise is drawn on the devices that own each class (the same values as
+  :func:`init_images`: random bits do not depend on the layout), so no device ever holds the
   whole chunk.
 
   Args:
-    mesh: the device mesh.
+    execution: how the chunk runs on devices.
+    index: the chunk's index (work units place chunk ``index`` on device ``index % D``).
     targets: RecoverTargets of all classes (host or device arrays, the same on every process).
-    class_ids: i32[C_chunk], a multiple of the mesh size.
+    class_ids: i32[C_chunk], a multiple of ``execution.class_multiple``.
     init_key: the key of the initial noise.
     ipc: k.
     image_shape: (H, W, ch).
@@ -728,31 +710,28 @@ def shard_chunk(
     initial_images: f32[C, k, H, W, ch] for ``options.init == "real"``.
 
   Returns:
-    (RecoverState, RecoverTargets, class ids i32[C_chunk]), split over the mesh (the global BN
-    targets and the step counters replicated).
+    (RecoverState, RecoverTargets, class ids i32[C_chunk]) laid out for the chunk's step.
   """
   class_ids = np.asarray(class_ids, np.int32)
   c = class_ids.size
-  if c % mesh.devices.size:
-    raise ShapeError(f"a chunk of {c} classes does not split over {mesh.devices.size} devices; "
-                     "pad it with parallel.pad_class_ids.")
-  split = parallel.class_sharding(mesh)
-  ids = jax.device_put(class_ids, split)
+  if c % execution.class_multiple:
+    raise ShapeError(f"a chunk of {c} classes does not split over "
+                     f"{execution.class_multiple} devices; pad it to a multiple.")
+  place = execution.chunk_placement(index)
+  ids = place.split(class_ids)
   if options.init == "real":
-    start = jax.device_put(np.asarray(initial_images[class_ids], np.float32), split)
+    begin = place.split(np.asarray(initial_images[class_ids], np.float32))
   else:
-    start = jax.jit(init_images, static_argnums=(2, 3), out_shardings=split)(
-        init_key, ids, ipc, tuple(image_shape))
-  state = jax.jit(lambda x: parallel.constrain_leading(init_state(x, options), mesh, c))(start)
+    begin = place.jit(init_images, c, static_argnums=(2, 3))(init_key, ids, ipc,
+                                                             tuple(image_shape))
+  state = place.jit(lambda x: init_state(x, options), c)(begin)
   host = jax.tree.map(np.asarray, targets)
   chunk_targets = RecoverTargets(
-      features=jax.device_put(host.features[class_ids], split),
-      bn_mean=jax.device_put(tuple(m[class_ids] for m in host.bn_mean), split),
-      bn_var=jax.device_put(tuple(v[class_ids] for v in host.bn_var), split),
-      global_mean=parallel.replicate(host.global_mean, mesh),
-      global_var=parallel.replicate(host.global_var, mesh),
-      running_mean=parallel.replicate(host.running_mean, mesh),
-      running_var=parallel.replicate(host.running_var, mesh))
+      features=place.split(host.features[class_ids]),
+      bn_mean=place.split(tuple(m[class_ids] for m in host.bn_mean)),
+      bn_var=place.split(tuple(v[class_ids] for v in host.bn_var)),
+      global_mean=place.whole(host.global_mean), global_var=place.whole(host.global_var),
+      running_mean=place.whole(host.running_mean), running_var=place.whole(host.running_var))
   return state, chunk_targets, ids
 
 
@@ -767,14 +746,14 @@ def choose_class_chunk(
     std: Any,
     options: RecoverOptions,
     memory_budget_bytes: int,
-    mesh: Mesh | None = None,
+    execution: Execution | None = None,
     max_chunk: int | None = None,
     step: Callable[..., Any] | None = None,
 ) -> int:
   """The largest chunk of classes whose recover step fits ``memory_budget_bytes`` per device.
 
   The step is compiled ahead of time on abstract inputs (no data, no device memory) and sized by
-  XLA's memory analysis (:func:`wmdd_jax.parallel.peak_bytes`): at one and two classes per
+  XLA's memory analysis (:func:`wmdd_jax.distributed.peak_bytes`): at one and two classes per
   device, from which a straight-line fit predicts the largest chunk that fits; that prediction
   is compiled and checked, and shrunk until it fits. Typically three compilations.
 
@@ -786,30 +765,32 @@ def choose_class_chunk(
     mean, std: normalisation constants.
     options: RecoverOptions.
     memory_budget_bytes: bytes per device the step may use (leave room for the framework).
-    mesh: the device mesh; None: one device.
-    max_chunk: upper bound (default: all classes); rounded up to a multiple of the mesh size.
+    execution: how the chunk runs on devices (default: one device).
+    max_chunk: upper bound (default: all classes); rounded up to a multiple of the device count.
     step: the jitted step to measure, ``make_update_fn(...).step`` for the same options and
-      mesh; measuring it fills its compilation cache, so the chosen size is not compiled twice.
+      execution; measuring it fills its compilation cache, so the chosen size is not compiled twice.
       Default: the one :func:`recover` uses for these arguments.
 
   Returns:
-    The chunk size, a multiple of the mesh size.
+    The chunk size, a multiple of ``execution.class_multiple``.
 
   Raises:
     ConfigError: even one class per device does not fit, or the backend reports no memory
       analysis.
   """
-  devices = 1 if mesh is None else mesh.devices.size
+  execution = execution or Execution()
+  devices = execution.class_multiple
   num_classes = int(targets.bn_mean[0].shape[0]) if targets.bn_mean else int(
       targets.features.shape[0])
-  limit = parallel.padded_size(max_chunk or num_classes, devices)
-  step = step or _shared_update_fn(model, options, mean, std, mesh).step
+  limit = max(1, -(-(max_chunk or num_classes) // devices)) * devices
+  step = step or _shared_update_fn(model, options, mean, std, execution).step
   measured: dict[int, int] = {}
 
   def measure(c: int) -> int:
     if c not in measured:
       peak = recover_step_bytes(model, variables, targets, c, ipc=ipc, image_shape=image_shape,
-                                mean=mean, std=std, options=options, mesh=mesh, step=step)
+                                mean=mean, std=std, options=options, execution=execution,
+                                step=step)
       if peak is None:
         raise ConfigError(f"the {jax.default_backend()} backend reports no memory analysis, so "
                           "memory_budget_bytes cannot size the chunk; set recover class_chunk "
@@ -846,55 +827,49 @@ def lower_recover_step(
     mean: Any,
     std: Any,
     options: RecoverOptions,
-    mesh: Mesh | None = None,
+    execution: Execution | None = None,
     step: Callable[..., Any] | None = None,
 ) -> Any:
   """One recover step on ``chunk`` classes, lowered ahead of time on abstract inputs.
 
   Nothing is allocated: the step is lowered on ``jax.ShapeDtypeStruct`` inputs with the shardings
-  :func:`recover` uses (class axis split over ``mesh``, the rest replicated). Compile the result
+  :func:`recover` uses (``execution.abstract``: on a mesh the class axis split, the rest
+  replicated). Compile the result
   for its memory analysis (:func:`recover_step_bytes`).
 
   Args:
     model: the teacher module.
     variables: its variables, arrays or ``jax.ShapeDtypeStruct`` (only shapes are used).
     targets: RecoverTargets of any number of classes, arrays or ShapeDtypeStructs (shapes only).
-    chunk: classes in the chunk (a multiple of the mesh size).
+    chunk: classes in the chunk (a multiple of ``execution.class_multiple``).
     ipc: k.
     image_shape: (H, W, ch).
     mean, std: normalisation constants.
     options: RecoverOptions.
-    mesh: the device mesh; None: one device.
+    execution: how the chunk runs on devices (default: one device).
     step: the jitted step (``make_update_fn(...).step``); default: the one :func:`recover` uses
       for these arguments.
 
   Returns:
     A ``jax.stages.Lowered``.
   """
-  step = step or _shared_update_fn(model, options, mean, std, mesh).step
-  rep = None if mesh is None else parallel.replicated(mesh)
-  split = None if mesh is None else parallel.class_sharding(mesh)
+  execution = execution or Execution()
+  step = step or _shared_update_fn(model, options, mean, std, execution).step
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   images = f32(chunk, ipc, *image_shape)
   state = jax.eval_shape(lambda x: init_state(x, options), images)
-  on_classes = lambda x: split if x.ndim >= 1 and x.shape[0] == chunk else rep
   per_class = lambda xs: tuple(f32(chunk, *np.shape(x)[1:]) for x in xs)
-  chunk_targets = RecoverTargets(
-      features=parallel.abstract(f32(chunk, *np.shape(targets.features)[1:]), on_classes),
-      bn_mean=parallel.abstract(per_class(targets.bn_mean), on_classes),
-      bn_var=parallel.abstract(per_class(targets.bn_var), on_classes),
-      global_mean=parallel.abstract(tuple(f32(*np.shape(x)) for x in targets.global_mean),
-                                    lambda _: rep),
-      global_var=parallel.abstract(tuple(f32(*np.shape(x)) for x in targets.global_var),
-                                   lambda _: rep),
-      running_mean=parallel.abstract(tuple(f32(*np.shape(x)) for x in targets.running_mean),
-                                     lambda _: rep),
-      running_var=parallel.abstract(tuple(f32(*np.shape(x)) for x in targets.running_var),
-                                    lambda _: rep))
-  ids = jax.ShapeDtypeStruct((chunk,), jnp.int32, sharding=split)
-  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
-  return step.lower(parallel.abstract(state, on_classes),
-                    parallel.abstract(variables, lambda _: rep), chunk_targets, ids, key)
+  whole = lambda xs: tuple(f32(*np.shape(x)) for x in xs)
+  chunk_targets = execution.abstract(RecoverTargets(
+      features=f32(chunk, *np.shape(targets.features)[1:]),
+      bn_mean=per_class(targets.bn_mean), bn_var=per_class(targets.bn_var),
+      global_mean=whole(targets.global_mean), global_var=whole(targets.global_var),
+      running_mean=whole(targets.running_mean), running_var=whole(targets.running_var)),
+      size=chunk)
+  ids = execution.abstract(jax.ShapeDtypeStruct((chunk,), jnp.int32), size=chunk)
+  key = execution.abstract(jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+  return step.lower(execution.abstract(state, size=chunk), execution.abstract(variables),
+                    chunk_targets, ids, key)
 
 
 def recover_step_bytes(model: nn.Module, variables: Any, targets: RecoverTargets, chunk: int,
@@ -905,4 +880,4 @@ def recover_step_bytes(model: nn.Module, variables: Any, targets: RecoverTargets
   memory analysis.
   """
   compiled = lower_recover_step(model, variables, targets, chunk, **kwargs).compile()
-  return parallel.peak_bytes(compiled)
+  return peak_bytes(compiled)

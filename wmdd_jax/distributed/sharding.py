@@ -1,7 +1,7 @@
 """Scaling out: one device mesh, sharding helpers and multi-process start-up.
 
 Every parallel stage uses ONE 1-D mesh over all (global) devices with the axis :data:`AXIS`
-(``"batch"``, the name :mod:`wmdd_jax.train` already uses, so its helpers take this mesh too). The
+(``"batch"``, the name :mod:`wmdd_jax.teacher` already uses, so its helpers take this mesh too). The
 axis plays two roles:
 
 * a **batch axis** for the data-parallel stages: the statistics pass (images, labels and mask
@@ -17,7 +17,7 @@ single-device ones up to float round-off (about 1e-7: cross-device reductions, p
 and XLA's optimisation of partitioned programs). Random numbers do not depend on the sharding
 (JAX's default ``jax_threefry_partitionable``). When bit-identical results for any device count
 matter more than speed, pass ``units=N`` to the stages (``config.parallel.units``): see
-:mod:`wmdd_jax.units`.
+:mod:`wmdd_jax.distributed.units`.
 
 Several processes (hosts, or several processes on one machine): call :func:`initialize_distributed`
 before anything else touches JAX. It reads, in this order of preference:
@@ -41,7 +41,7 @@ array; :func:`gather` brings sharded results back to every host.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -50,9 +50,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from wmdd_jax import barycenter as barycenter_lib
-from wmdd_jax import train as train_lib
-from wmdd_jax.errors import ConfigError, NonFiniteError, ShapeError
+from wmdd_jax.errors import ConfigError, ShapeError
 
 AXIS = "batch"  # the mesh's one axis: batch axis or class axis, depending on the stage
 
@@ -137,7 +135,7 @@ def initialize_distributed(
   except RuntimeError as e:
     raise ConfigError(
         f"jax.distributed.initialize failed ({e}). It must run before any JAX computation: call "
-        "wmdd_jax.parallel.initialize_distributed() at the top of the script.") from e
+        "wmdd_jax.distributed.sharding.initialize_distributed() at the top of the script.") from e
   return True
 
 
@@ -154,7 +152,7 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """
   devices = list(jax.devices() if devices is None else devices)
   devices.sort(key=lambda d: (d.process_index, d.id))
-  return train_lib.data_mesh(devices)
+  return Mesh(np.asarray(devices), (AXIS,))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -175,9 +173,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def replicate(tree: Any, mesh: Mesh, *, copy: bool = False) -> Any:
   """Places a pytree (host or device arrays, identical on every process) on every device.
 
-  ``copy`` never aliases the input buffers (use it for anything a step donates).
+  ``copy`` never aliases the input buffers (use it for anything a step donates). With several
+  processes device arrays go through the host (a process cannot address the others' devices).
   """
-  return train_lib.replicate(mesh, tree, copy=copy)
+  sharding = NamedSharding(mesh, P())
+  may_alias = False if copy else None
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding, may_alias=may_alias)
+
+  def one(x):
+    if not isinstance(x, jax.Array) or not x.is_fully_addressable:
+      return jax.device_put(x, sharding, may_alias=may_alias)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys have no host form
+      data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding, may_alias=may_alias)
+
+  return jax.tree.map(one, tree)
 
 
 def sync_processes(name: str) -> None:
@@ -196,7 +208,7 @@ def shard_leading(tree: Any, mesh: Mesh) -> Any:
   for leaf in jax.tree.leaves(tree):
     if np.ndim(leaf) == 0 or np.shape(leaf)[0] % n:
       raise ShapeError(f"cannot split an array of shape {np.shape(leaf)} over {n} devices; pad "
-                       f"its leading axis to a multiple of {n} (parallel.padded_size).")
+                       f"its leading axis to a multiple of {n} (sharding.padded_size).")
   return jax.device_put(tree, class_sharding(mesh))
 
 
@@ -311,164 +323,9 @@ def gather_interleaved(local: np.ndarray) -> np.ndarray:
   return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Barycenters with the class axis split over devices.
-
-
-def class_barycenters(
-    features: np.ndarray,
-    labels: np.ndarray,
-    num_classes: int,
-    num_support: int,
-    key: jax.Array,
-    *,
-    mesh: Mesh,
-    learn_weights: bool = False,
-    **solver_options: Any,
-) -> barycenter_lib.Barycenter:
-  """:func:`wmdd_jax.barycenter.class_barycenters` with the class axis split over the mesh.
-
-  The host builds the same zero-mass-padded f32[C, n_max, d] array and keys ``fold_in(key, c)``,
-  pads the class axis to a multiple of the mesh size with repeats of the last class, and solves
-  ``jax.vmap(free_support_barycenter)`` with every input and output split along the classes:
-  each device solves its own classes (the per-class while loops run in lockstep on a device,
-  like ``class_barycenters(classes_per_batch=C)``). Every process must pass the same (all-class)
-  features; :func:`gather_interleaved` assembles them from per-process shards.
-
-  Args:
-    features: f32[N, d].
-    labels: int[N] in [0, num_classes).
-    num_classes: C.
-    num_support: k.
-    key: PRNG key.
-    mesh: the device mesh.
-    learn_weights: see :func:`wmdd_jax.barycenter.free_support_barycenter`.
-    **solver_options: fields of :class:`wmdd_jax.barycenter.SolverOptions`.
-
-  Returns:
-    Barycenter(support f32[C, k, d], weights f32[C, k]) as host numpy arrays.
-
-  Raises:
-    ShapeError, ConfigError, NonFiniteError: as ``class_barycenters``.
-  """
-  feats = np.asarray(features)
-  labels = np.asarray(labels)
-  if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
-    raise ShapeError("features must be a float array [N, d], got "
-                     f"{feats.dtype}{list(feats.shape)}.")
-  if labels.shape != (feats.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-    raise ShapeError(f"labels must be integers of shape [{feats.shape[0]}] (one per feature row), "
-                     f"got {labels.dtype}{list(labels.shape)}.")
-  if not np.all(np.isfinite(feats)):
-    raise NonFiniteError("features hold NaN/Inf values; fix the feature extraction (e.g. a "
-                         "diverged teacher or unnormalised inputs) before computing barycenters.")
-  if not isinstance(num_support, int | np.integer) or num_support < 1:
-    raise ConfigError(f"num_support must be an int >= 1 (images per class), got {num_support!r}.")
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ConfigError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, "
-                      f"{labels.max()}]; check num_classes.")
-  counts = np.bincount(labels, minlength=num_classes)
-  short = np.flatnonzero(counts < num_support)
-  if short.size:
-    raise ConfigError(f"num_support={num_support} exceeds the points of class(es) "
-                      f"{short[:5].tolist()} (counts {counts[short[:5]].tolist()}); lower "
-                      "num_support (images per class) or add data for those classes.")
-  # The same layout as class_barycenters (class c's rows in their original order, then zero
-  # mass), with the class axis padded by copies of the last class.
-  n_max = barycenter_lib._padded_size(int(counts.max()))  # noqa: SLF001 - same padding rule
-  order = np.argsort(labels, kind="stable")
-  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-  rank = np.arange(labels.size) - starts[labels[order]]
-  ids = pad_class_ids(np.arange(num_classes), mesh.devices.size)
-  points = np.zeros((ids.size, n_max, feats.shape[1]), np.float32)
-  mass = np.zeros((ids.size, n_max), np.float32)
-  points[labels[order], rank] = feats[order]
-  mass[labels[order], rank] = (1.0 / counts[labels[order]]).astype(np.float32)
-  points[num_classes:], mass[num_classes:] = points[num_classes - 1], mass[num_classes - 1]
-  keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(np.asarray(ids))
-
-  solve = barycenter_solver(num_support, mesh=mesh, learn_weights=learn_weights,
-                            **solver_options)
-  # Keys go through the host as raw data: with several processes a device array cannot be
-  # placed on the others' devices.
-  points, mass, key_data = jax.device_put(
-      (points, mass, np.asarray(jax.random.key_data(keys))), class_sharding(mesh))
-  keys = jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(keys))
-  result = gather(solve(points, mass, keys))
-  return barycenter_lib.Barycenter(result.support[:num_classes], result.weights[:num_classes])
-
-
-def barycenter_solver(num_support: int, *, mesh: Mesh | None = None, learn_weights: bool = False,
-                      **solver_options: Any) -> Callable[..., barycenter_lib.Barycenter]:
-  """The jitted per-class solver of :func:`class_barycenters`.
-
-  ``solve(points f32[C, n, d], mass f32[C, n], keys key[C]) -> Barycenter(f32[C, k, d],
-  f32[C, k])``: the library's per-class solver vmapped over classes, with every input and output
-  split along the classes over ``mesh`` (None: one device). Unlike ``free_support_barycenter``
-  it checks nothing and does not renormalise: ``n`` must be padded as the library pads it and
-  each class's ``mass`` must sum to 1 (zero on padding rows), as :func:`class_barycenters`
-  builds them. Exposed for ahead-of-time memory analysis (``solve.lower(...)``).
-  """
-  opts = barycenter_lib._options(solver_options)  # noqa: SLF001 - the library's own core
-
-  # The library's batched core on host-prepared inputs (masses already 1/count), not the public
-  # per-class function, which renormalises them: results then equal class_barycenters' bit for
-  # bit, whatever the mesh.
-  def solve(points, mass, keys):
-    return barycenter_lib._solve_classes(  # noqa: SLF001
-        points, mass, keys, num_support, bool(learn_weights), opts)
-
-  if mesh is None:
-    return jax.jit(solve)
-  # shard_map, not jit with shardings: each device runs exactly the single-device vmapped program
-  # on its own classes, so the result is bit-identical for any device count (the SPMD
-  # partitioner was free to split other axes and reorder sums).
-  spec = P(AXIS)
-  split = class_sharding(mesh)
-  local = jax.shard_map(solve, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                        check_vma=False)
-  return jax.jit(local, in_shardings=(split, split, split), out_shardings=split)
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory.
-
-
-def peak_bytes(compiled: Any) -> int | None:
-  """Peak device memory of one compiled program, per device, from XLA's memory analysis.
-
-  arguments + outputs + temporaries - (outputs aliased to donated arguments); None when the
-  backend reports no analysis.
-  """
-  stats = compiled.memory_analysis()
-  if stats is None:
-    return None
-  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
-
-
-def abstract(tree: Any, sharding_fn: Callable[[Any], Any] | None = None) -> Any:
-  """``jax.ShapeDtypeStruct`` leaves for a pytree, with ``sharding_fn(leaf)`` as their sharding
-  (None: no sharding), for AOT lowering without data."""
-
-  def one(x):
-    sharding = sharding_fn(x) if sharding_fn is not None else None
-    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding,
-                                weak_type=bool(getattr(x, "weak_type", False)))
-
-  return jax.tree.map(one, tree)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints of sharded recover states.
-
-
 __all__ = [
     "AXIS",
-    "abstract",
-    "barycenter_solver",
     "batch_sharding",
-    "class_barycenters",
     "class_sharding",
     "constrain_leading",
     "constrain_replicated",
@@ -481,7 +338,6 @@ __all__ = [
     "make_mesh",
     "pad_class_ids",
     "padded_size",
-    "peak_bytes",
     "replicate",
     "replicated",
     "shard_leading",

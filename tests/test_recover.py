@@ -7,7 +7,7 @@ import pytest
 
 from tests.tiny_models import TinyNet, numpy_forward, tiny_variables
 from wmdd_jax import NonFiniteError
-from wmdd_jax.synthesis import RecoverOptions, RecoverTargets, chunk_loss, recover
+from wmdd_jax.recover import RecoverOptions, RecoverTargets, chunk_loss, recover
 
 SHAPE = (8, 8, 2)
 C, K = 3, 2

@@ -5,7 +5,7 @@ import pytest
 
 from tests.tiny_models import TinyNet, numpy_forward, tiny_variables
 from wmdd_jax import DataError, ShapeError
-from wmdd_jax.stats import compute_class_statistics
+from wmdd_jax.statistics import compute_class_statistics
 
 SHAPE = (5, 6, 2)
 MEAN, STD = (0.4, 0.6), (0.2, 0.3)

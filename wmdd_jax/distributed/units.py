@@ -1,11 +1,12 @@
 """Deterministic data parallelism: fixed work units, single-device programs, ordered sums.
 
-Why. ``jax.jit`` with ``NamedSharding`` (the default scale-out of :mod:`wmdd_jax.parallel`) gives
-XLA a differently shaped problem per device count: per-device batches change size, cross-device
-sums add in an unspecified order, and the partitioned program is even simplified differently. The
-results agree with a single device only to float round-off (about 1e-7), and a WMDD run
-amplifies that: a teacher trained on 4 devices differs from the 1-device one in the 5th digit,
-k-means++ then seeds the barycenters differently, and the final accuracy moves by a few images.
+Why. ``jax.jit`` with ``NamedSharding`` (the default scale-out of
+:mod:`wmdd_jax.distributed.sharding`) gives XLA a differently shaped problem per device count:
+per-device batches change size, cross-device sums add in an unspecified order, and the
+partitioned program is even simplified differently. The results agree with a single device only to
+float round-off (about 1e-7), and a WMDD run amplifies that: a teacher trained on 4 devices
+differs from the 1-device one in the 5th digit, k-means++ then seeds the barycenters differently,
+and the final accuracy moves by a few images.
 
 With ``units=N`` every batch is cut into N contiguous work units whose bounds depend only on the
 batch size (:func:`bounds`). Unit ``g`` runs the same single-device jitted program on device

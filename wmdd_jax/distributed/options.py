@@ -1,0 +1,39 @@
+"""How a run uses its devices: the ``parallel`` section of a config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from wmdd_jax.errors import ConfigError
+
+MESH_MODES = ("auto", "on", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionOptions:
+  """Device policy of a run (config section ``parallel``).
+
+  Attributes:
+    mesh: "auto": one mesh of every device when there are several, else the default device;
+      "on": always a mesh; "off": the default device only.
+    memory_budget_bytes: > 0: recover's class chunk is sized so that one compiled step fits this
+      many bytes per device; 0: no sizing.
+    units: 0: each batch (or class chunk) split over the mesh by XLA, equal to one device up to
+      round-off. N > 0: every batch cut into N deterministic work units, so a run is
+      bit-identical for any device count (one process only; train-mode BN then normalises per
+      unit).
+  """
+
+  mesh: str = "auto"
+  memory_budget_bytes: int = 0
+  units: int = 0
+
+  def __post_init__(self):
+    if self.mesh not in MESH_MODES:
+      raise ConfigError(f"parallel.mesh={self.mesh!r} is not one of {MESH_MODES}.")
+    for name in ("memory_budget_bytes", "units"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise ConfigError(f"parallel.{name} must be an int >= 0, got {value!r}.")
