@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from tests.tiny_models import TinyNet, tiny_variables
-from wmdd_jax import CheckpointError, ShapeError
+from wmdd_jax import CheckpointError, ConfigError, ShapeError
 from wmdd_jax.checkpoint import (
     RecoverCheckpointer,
     SyntheticSet,
+    TeacherCheckpointer,
     export_image_folder,
     import_image_folder,
     load_synthetic_set,
@@ -136,3 +137,39 @@ def test_corrupt_recover_checkpoint_raises(tmp_path):
           f.truncate(8)
   with pytest.raises(CheckpointError, match="corrupt or incompatible"):
     _recover(tmp_path, 3, tmp_path / "c")
+
+
+def _epoch_dirs(path):
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+
+
+def test_teacher_checkpointer_cadence_keep_and_fingerprint(tmp_path):
+  fresh = {"params": {"w": np.zeros((3, 2), np.float32)}, "step": np.zeros((), np.int32)}
+  fingerprint = {"options": {"epochs": 5, "lr": 0.1}, "data": {"image_shape": (8, 8, 1)}}
+  with TeacherCheckpointer(tmp_path / "t", fingerprint, save_every=2, last_epoch=5) as ckpt:
+    assert ckpt.restore(fresh) == (fresh, 0)  # nothing saved yet: start from scratch
+    saved = [ckpt.save(e, {"params": {"w": np.full((3, 2), e, np.float32)},
+                           "step": np.full((), e, np.int32)}) for e in range(1, 6)]
+  assert saved == [False, True, False, True, True]  # every 2 epochs and the last one
+  assert _epoch_dirs(tmp_path / "t") == [4, 5]  # the newest 2 are kept
+  # Tuples and lists are the same JSON: an equal fingerprint resumes.
+  with TeacherCheckpointer(tmp_path / "t", fingerprint, save_every=1, last_epoch=5) as ckpt:
+    state, epoch = ckpt.restore(fresh)
+  assert epoch == 5 and int(state["step"]) == 5
+  np.testing.assert_array_equal(state["params"]["w"], np.full((3, 2), 5, np.float32))
+  other = {"options": {"epochs": 6, "lr": 0.1}, "data": {"image_shape": (8, 8, 1)}}
+  with TeacherCheckpointer(tmp_path / "t", other, last_epoch=6) as ckpt:
+    with pytest.raises(CheckpointError, match=r"options.epochs is 5 there, 6 here") as info:
+      ckpt.restore(fresh)
+  assert str(tmp_path / "t") in str(info.value) and "Delete" in str(info.value)
+  assert _epoch_dirs(tmp_path / "t") == [4, 5]  # a refused checkpoint is left as it was
+  with pytest.raises(ConfigError, match="checkpoint_every"):
+    TeacherCheckpointer(tmp_path / "u", fingerprint, save_every=0, last_epoch=5)
+
+
+def test_recover_checkpoint_is_not_a_teacher_checkpoint(tmp_path):
+  _recover(tmp_path, 3, tmp_path / "r")
+  fresh = {"params": {"w": np.zeros(2, np.float32)}}
+  with TeacherCheckpointer(tmp_path / "r" / "chunk_0000", {}, last_epoch=1) as ckpt:
+    with pytest.raises(CheckpointError, match="chunk_0000"):
+      ckpt.restore(fresh)

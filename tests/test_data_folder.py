@@ -35,6 +35,14 @@ def _tree(root, layout, hw=(6, 5), ext="png", grey=False, seed=0):
 LAYOUT = {"train": {"dog": 3, "cat": 2, "eel": 4}, "test": {"cat": 1, "dog": 2}}
 
 
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+  """Computed stats are cached here, not in the user's ~/.cache."""
+  path = tmp_path / "wmdd-cache"
+  monkeypatch.setenv("WMDD_CACHE_DIR", str(path))
+  return path
+
+
 def test_png_tree(tmp_path):
   written = _tree(tmp_path / "pets", LAYOUT)
   ds = open_dataset(f"folder:{tmp_path / 'pets'}")
@@ -145,24 +153,27 @@ def test_layout_errors(tmp_path):
     open_dataset(f"folder:{nested}")
 
 
-def test_computed_stats_are_cached_next_to_the_data(tmp_path):
+def test_computed_stats_are_cached_in_the_cache_dir(tmp_path, _cache_dir):
   _tree(tmp_path / "st", {"train": {"a": 2, "b": 2}})
+  before = sorted(p.name for p in (tmp_path / "st").rglob("*"))
   ds = open_dataset(f"folder:{tmp_path / 'st'}")
   x = ds.load_split("train")[0].reshape(-1, 3) / 255.0
   np.testing.assert_allclose(ds.mean, x.mean(0), rtol=1e-9)
   np.testing.assert_allclose(ds.std, x.std(0), rtol=1e-9)
-  cache = tmp_path / "st" / ".wmdd_stats.json"
-  (entry,) = json.loads(cache.read_text()).values()
+  assert sorted(p.name for p in (tmp_path / "st").rglob("*")) == before  # Data left alone.
+  (cache,) = (_cache_dir / "stats").iterdir()
+  entry = json.loads(cache.read_text())
+  assert cache.name == f"{entry['key']}.json"
   np.testing.assert_allclose(entry["mean"], ds.mean)
   # A second open reads the cache (tampered here to prove it is used).
   entry["mean"] = [0.1, 0.2, 0.3]
-  cache.write_text(json.dumps({k: entry for k in json.loads(cache.read_text())}))
+  cache.write_text(json.dumps(entry))
   assert open_dataset(f"folder:{tmp_path / 'st'}").mean == (0.1, 0.2, 0.3)
-  # Other options give another key; stats_cache=False leaves the file alone.
+  # Other options give another key; stats_cache=False writes nothing.
   assert open_dataset(f"folder:{tmp_path / 'st'}", val_fraction=0.5).mean != (0.1, 0.2, 0.3)
-  before = cache.read_text()
+  assert len(list((_cache_dir / "stats").iterdir())) == 2
   _ = open_dataset(f"folder:{tmp_path / 'st'}", resize=3, stats_cache=False).mean
-  assert cache.read_text() == before
+  assert len(list((_cache_dir / "stats").iterdir())) == 2
 
 
 def test_known_folder_names_get_published_constants(tmp_path):

@@ -1,5 +1,6 @@
 """Tests of the tfds: source: on tfds.testing.mock_data and on a tiny builder prepared here."""
 
+import shutil
 import tempfile
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from wmdd_jax import ConfigError, DatasetNotFoundError  # noqa: E402
+from wmdd_jax import ConfigError, DataError, DatasetNotFoundError  # noqa: E402
 from wmdd_jax.data import NORMALIZATION, open_dataset  # noqa: E402
 
 
@@ -102,6 +103,24 @@ def test_tiny_tfrecord_falls_back_to_tf_data(tiny_dirs):
   assert val.class_counts("val") == [1, 1, 1]
   xv, yv = val.load_split("val")
   np.testing.assert_array_equal(xv[:, 0, 0, 0] % 3, yv)
+
+
+@pytest.mark.parametrize("damage", ["garble", "truncate", "delete"])
+def test_damaged_array_record_is_a_data_error(tiny_dirs, tmp_path, damage):
+  data_dir = tmp_path / "copy"
+  shutil.copytree(tiny_dirs["array_record"], data_dir)
+  (path,) = data_dir.rglob("*-train.array_record-*")
+  data = path.read_bytes()
+  if damage == "garble":
+    path.write_bytes(data[:64] + np.random.default_rng(0).bytes(len(data) - 64))
+  elif damage == "truncate":
+    path.write_bytes(data[: len(data) // 2])
+  else:
+    path.unlink()
+  with pytest.raises(DataError) as e:
+    open_dataset("tfds:wmdd_tiny_shapes", data_dir=str(data_dir)).load_split("train")
+  message = str(e.value)
+  assert str(data_dir) in message and "'train'" in message and "prepare it again" in message
 
 
 def test_not_prepared_names_data_dir_and_fix(tmp_path):

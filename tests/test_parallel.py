@@ -562,7 +562,7 @@ def workers():
   shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _wait(workers, name: str, timeout: float = 600.0, marker: str | None = "RESULT ") -> dict:
+def _wait(workers, name: str, timeout: float = 900.0, marker: str | None = "RESULT ") -> dict:
   proc, log, started = workers[name]
   return _result(proc, log, max(1.0, timeout - (time.monotonic() - started)), marker)
 

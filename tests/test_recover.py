@@ -139,6 +139,23 @@ def test_nan_loss_names_class_and_step(teacher):
     _run(teacher, RecoverOptions(iterations=3, steps_per_call=3), targets=t)
 
 
+def test_nan_images_from_the_last_update_are_never_checkpointed(teacher, monkeypatch):
+  """The loss is taken before each update: images made NaN by a block's last update are caught
+  before ``on_block`` (where checkpoints are saved) sees them."""
+  import optax
+
+  from wmdd_jax import recover as recover_lib
+
+  monkeypatch.setattr(recover_lib, "make_optimizer",
+                      lambda options: optax.scale(float("nan")))
+  seen = []
+  # A learning rate no other test uses: a fresh (uncached) update function with the patch.
+  opts = RecoverOptions(iterations=2, steps_per_call=1, lr=0.0123)
+  with pytest.raises(NonFiniteError, match=r"classes \[0, 1, 2\] became NaN/Inf by step 1"):
+    _run(teacher, opts, on_block=lambda *args: seen.append(args))
+  assert seen == []
+
+
 def test_global_bn_ignores_padding_repeats(teacher):
   # A chunk padded by repeating its last class gives its real classes the same losses and
   # gradients (the repeat's own loss only moves the repeat's images, which are discarded).

@@ -1,5 +1,6 @@
 """Tests of teacher training (optimiser, steps, loop, data parallelism) and teacher checkpoints."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from sklearn.datasets import load_digits
 from wmdd_jax import CheckpointError, ConfigError
 from wmdd_jax import teacher as teacher_lib
 from wmdd_jax.checkpoint import load_teacher, save_teacher
+from wmdd_jax.distributed import local_execution
 from wmdd_jax.models import get_model, init_model
 from wmdd_jax.teacher import TeacherOptions, cosine_schedule, make_optimizer, train_teacher
 from wmdd_jax.training import array_batches, create_train_state, evaluate
@@ -116,6 +118,8 @@ def test_optimizer_schedule_and_weight_decay_mask():
     assert np.any(np.asarray(updates["bias"]) != 0) == bias_moves
   with pytest.raises(ConfigError, match="label_smoothing"):
     TeacherOptions(label_smoothing=1.5)
+  with pytest.raises(ConfigError, match="checkpoint_every"):
+    TeacherOptions(checkpoint_every=0)
 
 
 def test_augment_shapes_and_identity():
@@ -213,3 +217,92 @@ def test_data_parallel_over_two_devices(tmp_path):
   last = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])
   # 63 is trimmed to 62 per step (a multiple of 2 devices); eval pads 101 -> 102 and masks.
   assert last["test_top1"] >= 80.0, last
+
+
+# Short epochs (4 steps) with flips, crops and evaluations: every source of randomness and
+# every record field takes part; checkpoints every 2 epochs, so a kill in epoch 3 loses one.
+_RESUMABLE = TeacherOptions(epochs=5, batch_size=64, learning_rate=0.05, crop_padding=1,
+                            flip=True, eval_every=2, eval_batch_size=128, max_eval_batches=1,
+                            max_steps_per_epoch=4, checkpoint_every=2)
+
+
+def _epoch_dirs(path):
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+
+
+@pytest.fixture(scope="module")
+def execution():
+  """One execution for the resumable runs, so they share its cached, compiled evaluation step."""
+  return local_execution()
+
+
+def _records(path):
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_killed_teacher_resumes_bit_for_bit(digits, execution, tmp_path, monkeypatch):
+  train, test, mean, std = digits
+  model = get_model(_MODEL["name"], _MODEL["num_classes"], width=_MODEL["width"])
+  run = lambda **kw: train_teacher(model, train, test, _RESUMABLE, mean=mean, std=std,
+                                   progress=False, execution=execution, **kw)
+  straight = run(metrics_path=tmp_path / "straight.jsonl")
+
+  class Killed(teacher_lib.TeacherCheckpointer):
+    def save(self, epoch, state):
+      saved = super().save(epoch, state)
+      if epoch == 3:  # killed after epoch 3's log line, whose checkpoint is not due
+        raise KeyboardInterrupt
+      return saved
+
+  ckpt, log = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+  monkeypatch.setattr(teacher_lib, "TeacherCheckpointer", Killed)
+  with pytest.raises(KeyboardInterrupt):
+    run(checkpoint_dir=ckpt, metrics_path=log)
+  monkeypatch.undo()
+  assert _epoch_dirs(ckpt) == [2]
+  assert [r["epoch"] for r in _records(log)] == [1, 2, 3]
+  with open(log, "a") as f:
+    f.write('{"epoch": 4, "step": 1')  # a line the kill cut short
+  resumed = run(checkpoint_dir=ckpt, metrics_path=log)
+
+  assert jax.tree.structure(resumed) == jax.tree.structure(straight)
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(a, b)
+  assert _epoch_dirs(ckpt) == [4, 5]  # every 2 epochs and the last, the newest 2 kept
+  # One line per epoch, each as the uninterrupted run logged it (but for the timings).
+  deterministic = lambda r: {k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k}
+  assert [deterministic(r) for r in _records(log)] == [
+      deterministic(r) for r in _records(tmp_path / "straight.jsonl")]
+  assert "test_top1" in _records(log)[3]
+
+  # A finished run is not trained again (checkpoint_every may change: it does not shape weights).
+  again = train_teacher(model, train, test, dataclasses.replace(_RESUMABLE, checkpoint_every=1),
+                        mean=mean, std=std, progress=False, execution=execution,
+                        checkpoint_dir=ckpt, metrics_path=log)
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(a, b)
+  assert [r["epoch"] for r in _records(log)] == [1, 2, 3, 4, 5]
+
+
+def test_mismatched_teacher_checkpoint_is_refused(digits, execution, tmp_path):
+  train, _, mean, std = digits
+  model = get_model(_MODEL["name"], _MODEL["num_classes"], width=_MODEL["width"])
+  config = dataclasses.replace(_RESUMABLE, epochs=1, max_steps_per_epoch=1)
+  ckpt = tmp_path / "ckpt"
+  train_teacher(model, train, None, config, mean=mean, std=std, progress=False,
+                execution=execution, checkpoint_dir=ckpt)
+  assert _epoch_dirs(ckpt) == [1]
+  cases = [
+      (dict(config=dataclasses.replace(config, learning_rate=0.1)), "options.learning_rate"),
+      (dict(config=dataclasses.replace(config, epochs=2)), "options.epochs is 1 there, 2 here"),
+      (dict(model=get_model(_MODEL["name"], _MODEL["num_classes"], width=16)),
+       "model.fields.width is 32 there, 16 here"),
+      (dict(train=(train[0][:1000], train[1][:1000])), "data.num_examples is 1400 there"),
+  ]
+  for change, difference in cases:
+    args = {"model": model, "train": train, "config": config, **change}
+    with pytest.raises(CheckpointError, match=difference) as info:
+      train_teacher(args["model"], args["train"], None, args["config"], mean=mean, std=std,
+                    progress=False, execution=execution, checkpoint_dir=ckpt)
+    assert f"Delete {ckpt}" in str(info.value)
+  assert _epoch_dirs(ckpt) == [1]  # refused, not overwritten

@@ -14,8 +14,10 @@ temporary directory and renames it when complete):
 A synthetic set (:class:`SyntheticSet`) is a directory with ``arrays`` (Orbax: images, labels,
 weights) and ``meta.json`` (class names, normalisation, the config that made it), written to a
 temporary sibling and renamed into place. :class:`RecoverCheckpointer` keeps the resumable
-recover state per class chunk. :func:`export_image_folder` / :func:`import_image_folder` move
-sets to and from PNG ImageFolders that other tools (the official PyTorch code) read.
+recover state per class chunk, :class:`TeacherCheckpointer` the resumable teacher training state
+(every few epochs, refusing a checkpoint of another run). :func:`export_image_folder` /
+:func:`import_image_folder` move sets to and from PNG ImageFolders that other tools (the official
+PyTorch code) read.
 """
 
 from __future__ import annotations
@@ -520,3 +522,178 @@ class RecoverCheckpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+# --- Resumable teacher training -----------------------------------------------------------------
+
+TEACHER_TRAIN_FORMAT = "wmdd_jax.teacher_training/1"
+
+
+class TeacherCheckpointer:
+  """Saves and restores a teacher's training state every few epochs with Orbax.
+
+  :func:`wmdd_jax.teacher.train_teacher` uses it for its ``checkpoint_dir``. One Orbax
+  ``CheckpointManager`` in ``directory`` whose step numbers are epochs (completed passes), keeping
+  the last ``max_to_keep``; each checkpoint holds two items, written atomically:
+
+    * ``state``: the ``TrainState`` (params, batch_stats, opt_state, step; StandardSave), saved
+      as placed (a state replicated over a mesh is written once, every process taking part);
+    * ``meta``: JSON ``{"format", "epoch", "fingerprint"}``.
+
+  ``fingerprint`` is what makes a checkpoint belong to a run (the trainer builds it: the options
+  that shape the weights, the model's variables, the data's size). :meth:`restore` refuses a
+  checkpoint whose fingerprint differs, naming the differences: its state would be silently
+  reused for another training. The PRNG key and the shuffle are not stored: the augmentation key
+  is ``fold_in(key, step)`` and epoch ``e``'s order a function of (seed, e), so the state and
+  the epoch are all a bit-identical continuation needs.
+
+  With several processes every process must create it, :meth:`restore` and :meth:`save` with the
+  same arguments (Orbax's saves are collective).
+  """
+
+  def __init__(self, directory: str | os.PathLike, fingerprint: Mapping[str, Any], *,
+               save_every: int = 1, last_epoch: int, max_to_keep: int = 2):
+    """Opens (creating it if needed) the checkpoint directory.
+
+    Args:
+      directory: where the checkpoints live (one sub-directory per saved epoch).
+      fingerprint: JSON-serialisable description of the run; a checkpoint is resumed only when
+        its fingerprint is equal (after a JSON round trip: tuples compare as lists).
+      save_every: save after every this many epochs (and after ``last_epoch``); >= 1.
+      last_epoch: the run's final epoch, always saved.
+      max_to_keep: how many of the newest checkpoints are kept.
+
+    Raises:
+      ConfigError: ``save_every`` < 1 or a fingerprint that is not JSON-serialisable.
+    """
+    if not isinstance(save_every, int | np.integer) or save_every < 1:
+      raise ConfigError(f"checkpoint_every must be an int >= 1 (epochs between teacher "
+                        f"checkpoints), got {save_every!r}.")
+    try:
+      self.fingerprint = json.loads(json.dumps(dict(fingerprint)))
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"The teacher checkpoint fingerprint is not JSON-serialisable ({e}).") \
+          from e
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.save_every = int(save_every)
+    self.last_epoch = int(last_epoch)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=True))
+
+  def latest_epoch(self) -> int | None:
+    """The newest completely written checkpoint's epoch, or None when there is none."""
+    return self._manager.latest_step()
+
+  def restore(self, fresh_state: Any) -> tuple[Any, int]:
+    """The newest checkpoint's state and epoch, or ``(fresh_state, 0)`` when there is none.
+
+    Args:
+      fresh_state: the state training would start from; gives the structure, shapes, dtypes and
+        placement (shardings) the restored arrays get.
+
+    Returns:
+      ``(state, epoch)``: the restored state (structured and placed like ``fresh_state``) and the
+      number of epochs it has completed.
+
+    Raises:
+      CheckpointError: the checkpoint belongs to another run (its fingerprint differs: the
+        message lists how) or is unreadable; either way, the fix is deleting ``directory``.
+    """
+    epoch = self._manager.latest_step()
+    if epoch is None:
+      return fresh_state, 0
+    where = os.path.join(self.directory, str(epoch))
+    try:
+      meta = self._manager.restore(epoch, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001 - any failure means an unusable checkpoint
+      raise CheckpointError(
+          f"The teacher checkpoint {where} has no readable meta ({type(e).__name__}: "
+          f"{str(e)[:300]}); it is corrupt or not a teacher training checkpoint. Delete "
+          f"{self.directory} to train the teacher from scratch.") from e
+    if not isinstance(meta, dict) or meta.get("format") != TEACHER_TRAIN_FORMAT:
+      found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+      raise CheckpointError(
+          f"{where} is not a wmdd_jax teacher training checkpoint (format {found!r}, expected "
+          f"{TEACHER_TRAIN_FORMAT!r}). Delete {self.directory} or point checkpoint_dir "
+          "elsewhere.")
+    difference = _json_difference(meta.get("fingerprint"), self.fingerprint)
+    if difference:
+      raise CheckpointError(
+          f"The teacher checkpoint in {self.directory} (epoch {epoch}) was written by a different "
+          f"training run, so it cannot be resumed: {difference}. Delete {self.directory} to "
+          "train this teacher from scratch, or run with the settings it was written with.")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, fresh_state)
+    try:
+      state = self._manager.restore(epoch, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(
+          f"The teacher checkpoint {where} is incomplete or corrupt ({type(e).__name__}: "
+          f"{str(e)[:300]}). Delete {self.directory} to train the teacher from scratch.") from e
+    if jax.tree.structure(state) != jax.tree.structure(fresh_state):
+      raise CheckpointError(
+          f"The teacher checkpoint {where} restored a state of another structure than the "
+          f"current TrainState. Delete {self.directory} to train the teacher from scratch.")
+    return state, int(epoch)
+
+  def save(self, epoch: int, state: Any) -> bool:
+    """Saves ``state`` after ``epoch`` completed epochs when it is due.
+
+    A save is due every ``save_every`` epochs and at ``last_epoch``. It runs in the background;
+    a device copy of the state is written, so the caller may donate ``state`` to its next step.
+
+    Args:
+      epoch: completed epochs (>= 1).
+      state: the TrainState after them.
+
+    Returns:
+      Whether a save was started.
+    """
+    epoch = int(epoch)
+    if epoch % self.save_every and epoch != self.last_epoch:
+      return False
+    snapshot = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+    meta = {"format": TEACHER_TRAIN_FORMAT, "epoch": epoch, "fingerprint": self.fingerprint}
+    try:
+      self._manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(snapshot),
+                                                        meta=ocp.args.JsonSave(meta)),
+                         force=True)
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"Could not save the teacher checkpoint of epoch {epoch} in "
+                            f"{self.directory}: {e}. Check free disk space and permissions.") \
+          from e
+    return True
+
+  def close(self) -> None:
+    """Waits for a save in flight and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _json_difference(stored: Any, wanted: Any, prefix: str = "") -> str:
+  """A short description of where two JSON values differ ("" when equal)."""
+  notes: list[str] = []
+
+  def walk(a, b, path):
+    if isinstance(a, dict) and isinstance(b, dict):
+      for k in sorted(set(a) | set(b)):
+        sub = f"{path}.{k}" if path else str(k)
+        if k not in a:
+          notes.append(f"{sub} is not recorded there (here {b[k]!r})")
+        elif k not in b:
+          notes.append(f"{sub} is {a[k]!r} there, absent here")
+        else:
+          walk(a[k], b[k], sub)
+    elif a != b:
+      notes.append(f"{path or 'the fingerprint'} is {a!r} there, {b!r} here")
+
+  walk(stored, wanted, prefix)
+  return "; ".join(notes[:5]) + (f" (and {len(notes) - 5} more)" if len(notes) > 5 else "")

@@ -474,6 +474,28 @@ def check_finite(metrics: dict[str, np.ndarray], class_ids: np.ndarray, first_st
                          f"step {first_step + s}. {hint}")
 
 
+@jax.jit
+def _finite_classes(images: jax.Array) -> jax.Array:
+  return jnp.all(jnp.isfinite(images), axis=tuple(range(1, images.ndim)))
+
+
+def check_finite_images(finite: np.ndarray, class_ids: np.ndarray, step: int) -> None:
+  """Raises NonFiniteError naming the classes whose images hold NaN/Inf after ``step`` steps.
+
+  Args:
+    finite: bool[C_chunk], whether each of the chunk's classes has only finite pixels.
+    class_ids: i32[C_chunk] the chunk's classes.
+    step: the steps done.
+  """
+  finite = np.asarray(finite)
+  if not finite.all():
+    ids = sorted({int(i) for i in np.asarray(class_ids)[~finite]})
+    raise NonFiniteError(
+        f"recover images of classes {ids} became NaN/Inf by step {step} (the last update of "
+        "the block; nothing was checkpointed from it). Lower recover.lr or the loss "
+        "coefficients (r_bn), or check the teacher and statistics for NaN.")
+
+
 def recover(
     model: nn.Module,
     variables: dict[str, Any],
@@ -625,6 +647,10 @@ def recover(
         metrics = jax.device_get(metrics)
         n = len(metrics["loss"])
         check_finite(metrics, class_ids, done)
+        # The loss is taken before each update, so the block's last update is checked here,
+        # before anything (a checkpoint, the result) keeps its images.
+        check_finite_images(execution.to_host(_finite_classes(live[index][0].images)),
+                            class_ids, done + n)
         for k in names:
           history[k][index, done:done + n] = metrics[k]
         live[index][3] = done + n
@@ -636,8 +662,16 @@ def recover(
       real = _first_occurrences_host(chunks[index])
       images_out[chunks[index][real]] = np.asarray(execution.to_host(live[index][0].images))[real]
   bar.close()
-  with np.errstate(all="ignore"):
-    return images_out, {k: np.nanmean(v, axis=0) for k, v in history.items()}
+  return images_out, {k: _nanmean(v) for k, v in history.items()}
+
+
+def _nanmean(values: np.ndarray) -> np.ndarray:
+  """Mean over chunks, per step, of the steps each chunk ran (NaN where no chunk did: steps a
+  resumed run did not see), without numpy's empty-slice warning."""
+  seen = np.isfinite(values)
+  counts = seen.sum(axis=0)
+  sums = np.where(seen, values, 0.0).sum(axis=0)
+  return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).astype(values.dtype)
 
 
 def _recover_slots(model, variables, targets: RecoverTargets, *, ipc, image_shape, mean, std,
@@ -671,9 +705,7 @@ def _recover_slots(model, variables, targets: RecoverTargets, *, ipc, image_shap
         progress=progress, execution=execution)
     images[:, j] = out[:, 0]
     histories.append(history)
-  with np.errstate(all="ignore"):
-    return images, {k: np.nanmean(np.stack([h[k] for h in histories]), axis=0)
-                    for k in histories[0]}
+  return images, {k: _nanmean(np.stack([h[k] for h in histories])) for k in histories[0]}
 
 
 # ---------------------------------------------------------------------------------------------

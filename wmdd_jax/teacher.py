@@ -9,6 +9,9 @@ XLA; or deterministic work units). Training batches are trimmed to a multiple of
 Images enter the steps as uint8 pixels (or floats in [0, 1]); augmentation (pad + random crop,
 horizontal flip) and normalisation happen inside the jitted step, so host work is only batching.
 Randomness is ``fold_in(key, step)``: a run is reproducible and resumable from its step count.
+With a ``checkpoint_dir`` the loop saves its state every ``checkpoint_every`` epochs
+(:class:`~wmdd_jax.checkpoint.TeacherCheckpointer`) and a restarted run continues from the newest
+checkpoint, bit-identical to an uninterrupted one.
 
 The loop takes plain arrays or a callable returning an epoch's batches, so it does not depend on
 how the data is stored; :mod:`wmdd_jax.data` supplies both.
@@ -34,6 +37,7 @@ import optax
 from tqdm.auto import tqdm
 
 from wmdd_jax import training
+from wmdd_jax.checkpoint import TeacherCheckpointer
 from wmdd_jax.data import transforms
 from wmdd_jax.distributed import Execution, local_execution
 from wmdd_jax.errors import ConfigError, NonFiniteError
@@ -63,6 +67,8 @@ class TeacherOptions:
     max_steps_per_epoch: cap on steps per epoch (debug runs); None for full epochs.
     max_eval_batches: cap on evaluation batches (debug runs); None for the whole split.
     seed: seeds initialisation, shuffling and augmentation.
+    checkpoint_every: with :func:`train_teacher`'s ``checkpoint_dir``, save a resumable
+      checkpoint after every this many epochs (and after the last one).
   """
 
   epochs: int = 30
@@ -82,6 +88,7 @@ class TeacherOptions:
   max_steps_per_epoch: int | None = None
   max_eval_batches: int | None = None
   seed: int = 0
+  checkpoint_every: int = 1
 
   def __post_init__(self):
     checks = [
@@ -99,6 +106,8 @@ class TeacherOptions:
          "max_steps_per_epoch must be None or >= 1"),
         (self.max_eval_batches is None or self.max_eval_batches >= 1,
          "max_eval_batches must be None or >= 1"),
+        (self.checkpoint_every >= 1, "checkpoint_every must be >= 1 (epochs between "
+         "checkpoints)"),
     ]
     for ok, message in checks:
       if not ok:
@@ -281,6 +290,7 @@ def train_teacher(
     metrics_path: str | os.PathLike | None = None,
     progress: bool = True,
     execution: Execution | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
   """Trains ``model`` with SGD + cosine schedule, data-parallel over ``execution``'s devices.
 
@@ -297,11 +307,23 @@ def train_teacher(
     image_shape: (H, W, ch) for initialisation; default: taken from the data.
     variables: start from these instead of a fresh initialisation.
     metrics_path: if set, one JSON line per epoch is appended there (epoch, step, lr,
-      train_loss, train_top1, test_top1/top5/loss when evaluated, seconds, images_per_s).
+      train_loss, train_top1, test_top1/top5/loss when evaluated, seconds, images_per_s). With
+      ``checkpoint_dir`` the log is first cut to the epochs the run resumes after (atomically
+      rewritten), so it holds exactly one line per epoch however often the run was restarted.
     progress: show a tqdm bar.
     execution: how steps run on devices (:mod:`wmdd_jax.distributed`; default: every batch
       split over all local devices by XLA, BN statistics over the whole batch). With work units
       BN statistics are per unit and the run is bit-identical for any device count.
+    checkpoint_dir: if set, the training state (params, batch_stats, opt_state, step) and the
+      epoch are saved there with Orbax after every ``config.checkpoint_every`` epochs and after
+      the last one (the newest 2 kept; :class:`wmdd_jax.checkpoint.TeacherCheckpointer`), and a
+      run finding a checkpoint there continues after its epoch, bit-identical to an
+      uninterrupted run (epoch e's shuffle depends on (seed, e) only, the augmentation key on
+      the step; a callable ``train_data`` must likewise give the same batches for the same
+      epoch). ``variables`` is then ignored. A checkpoint of another run (other model or
+      variable shapes, other training options, data size, normalisation or per-step batch;
+      ``eval_*`` options, ``max_eval_batches`` and ``checkpoint_every`` may change) is refused.
+      With several processes every process passes the same directory.
 
   Returns:
     The trained variables ``{"params", "batch_stats"}`` as host (numpy) arrays.
@@ -309,18 +331,22 @@ def train_teacher(
   Raises:
     ConfigError: a batch smaller than the device count, or a callable without steps_per_epoch.
     NonFiniteError: the training loss became NaN/Inf.
+    CheckpointError: ``checkpoint_dir`` holds a checkpoint of another run, or an unreadable one
+      (delete the directory to start again).
   """
   execution = execution or local_execution()
   n_dev = execution.batch_multiple
   if config.batch_size < n_dev:
     raise ConfigError(f"batch_size {config.batch_size} is smaller than the {n_dev} devices; "
                       f"use a batch of at least {n_dev} (ideally a multiple).")
+  num_examples = None
   if callable(train_data):
     if steps_per_epoch is None:
       raise ConfigError("train_data is a callable, so pass steps_per_epoch (e.g. "
                         "num_examples // batch_size) to size the learning-rate schedule.")
   else:
-    steps_per_epoch = len(train_data[1]) // config.batch_size
+    num_examples = len(train_data[1])
+    steps_per_epoch = num_examples // config.batch_size
     if image_shape is None:
       image_shape = tuple(train_data[0].shape[1:])
     if steps_per_epoch < 1:
@@ -331,12 +357,20 @@ def train_teacher(
   source = training._as_epoch_source(train_data, config.batch_size, shuffle=True, seed=config.seed,
                             drop_remainder=True)
 
+  def first_batch():
+    batches = iter(source(0))
+    first = next(batches, None)
+    if first is None:
+      raise ConfigError("train_data yielded no batches for epoch 0.")
+    return first, batches
+
   root = jax.random.key(config.seed)
   init_key, aug_key = jax.random.split(root)
-  first_batches = iter(source(0))
-  first = next(first_batches, None)
-  if first is None:
-    raise ConfigError("train_data yielded no batches for epoch 0.")
+  # A resumable run that knows its image shape reads epoch 0's first batch only if it starts
+  # there (for streamed data, opening an epoch is not free).
+  first = None
+  if image_shape is None or checkpoint_dir is None:
+    first, first_batches = first_batch()
   if image_shape is None:
     image_shape = tuple(np.shape(first[0])[1:])
   if variables is None:
@@ -357,14 +391,29 @@ def train_teacher(
   state = execution.place(training.create_train_state(model, variables, tx), copy=True)
   train_step = make_train_step(model, execution, **step_options)
   aug_key = execution.place(aug_key)
-  step = int(jax.device_get(state.step))
 
-  if metrics_path is not None:
-    os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
-  bar = tqdm(total=total_steps, disable=not progress, desc="teacher", unit="step",
-             dynamic_ncols=True)
+  ckpt, start_epoch = None, 0
+  if checkpoint_dir is not None:
+    fingerprint = _fingerprint(
+        model, config, variables, num_examples=num_examples, steps_per_epoch=steps_per_epoch,
+        batch=config.batch_size - config.batch_size % n_dev, image_shape=image_shape,
+        mean=mean, std=std)
+    ckpt = TeacherCheckpointer(checkpoint_dir, fingerprint, save_every=config.checkpoint_every,
+                               last_epoch=config.epochs)
+  bar = None
   try:
-    for epoch in range(config.epochs):
+    if ckpt is not None:
+      state, start_epoch = ckpt.restore(state)
+      if start_epoch == 0 and first is None:
+        first, first_batches = first_batch()
+    step = int(jax.device_get(state.step))
+    if metrics_path is not None:
+      os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
+      if ckpt is not None:
+        _keep_epochs(metrics_path, start_epoch)
+    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc="teacher",
+               unit="step", dynamic_ncols=True)
+    for epoch in range(start_epoch, config.epochs):
       t0 = time.perf_counter()
       batches = itertools.chain([first], first_batches) if epoch == 0 else iter(source(epoch))
       sums, n_images, n_steps = None, 0, 0
@@ -414,6 +463,73 @@ def train_teacher(
       if metrics_path is not None:
         with open(metrics_path, "a") as f:
           f.write(json.dumps(record) + "\n")
+      # After the epoch's log line: a resumed run drops the lines after its checkpoint.
+      if ckpt is not None:
+        ckpt.save(epoch + 1, state)
   finally:
-    bar.close()
+    if bar is not None:
+      bar.close()
+    if ckpt is not None:
+      ckpt.close()  # lets a save in flight finish (also when interrupted)
   return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+
+
+# Options that do not change the trained weights: a checkpoint may be resumed with other values.
+_RESUME_FREE_OPTIONS = ("eval_every", "eval_batch_size", "max_eval_batches", "checkpoint_every")
+
+
+def _fingerprint(model: nn.Module, config: TeacherOptions, variables: dict[str, Any], *,
+                 num_examples: int | None, steps_per_epoch: int, batch: int,
+                 image_shape: tuple[int, ...], mean: tuple[float, ...],
+                 std: tuple[float, ...]) -> dict[str, Any]:
+  """What a teacher checkpoint must match to be resumed (JSON): the options that shape the
+  weights, the model (class, plain fields, every variable's dtype[shape]) and the data (examples,
+  steps per epoch, rows per step, image shape, normalisation)."""
+  options = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUME_FREE_OPTIONS}
+  fields = {f.name: _plain(getattr(model, f.name)) for f in dataclasses.fields(model)
+            if f.name not in ("parent", "name")}
+  shapes = {
+      jax.tree_util.keystr(path, simple=True, separator="/"):
+          f"{np.dtype(leaf.dtype).name}{list(np.shape(leaf))}"
+      for path, leaf in jax.tree_util.tree_flatten_with_path(
+          {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})})[0]}
+  return {
+      "options": options,
+      "model": {"class": type(model).__name__, "fields": fields, "variables": shapes},
+      "data": {"num_examples": num_examples, "steps_per_epoch": int(steps_per_epoch),
+               "batch": int(batch), "image_shape": [int(d) for d in image_shape],
+               "mean": [float(m) for m in mean], "std": [float(s) for s in std]},
+  }
+
+
+def _plain(value: Any) -> Any:
+  """A JSON value standing for a model field (names for functions, dtypes, modules)."""
+  if value is None or isinstance(value, bool | int | float | str):
+    return value
+  if isinstance(value, list | tuple):
+    return [_plain(v) for v in value]
+  if isinstance(value, dict):
+    return {str(k): _plain(v) for k, v in value.items()}
+  if isinstance(value, np.dtype):
+    return value.name
+  return getattr(value, "__name__", None) or type(value).__qualname__
+
+
+def _keep_epochs(path: str | os.PathLike, epochs: int) -> None:
+  """Cuts a metrics log to its lines of epochs 1..``epochs`` (the last line of each; lines a
+  kill left cut short are dropped), rewriting it atomically; no file: nothing to do."""
+  if not os.path.exists(path):
+    return
+  kept: dict[int, str] = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        epoch = json.loads(line).get("epoch")
+      except (ValueError, AttributeError):
+        continue
+      if isinstance(epoch, int) and 1 <= epoch <= epochs:
+        kept[epoch] = line.rstrip("\n") + "\n"
+  tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.writelines(kept[e] for e in sorted(kept))
+  os.replace(tmp, path)

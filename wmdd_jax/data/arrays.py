@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
@@ -33,18 +36,36 @@ MNIST_CLASSES = tuple(str(i) for i in range(10))
 
 
 class ArraySource(Source):
-  """Splits held as arrays: images u8[N, H, W] or u8[N, H, W, ch] (possibly memory-mapped)."""
+  """Splits held as arrays: images u8[N, H, W] or u8[N, H, W, ch] (possibly memory-mapped).
+
+  The labels are checked when the source is made (they are in memory, so this is cheap): they
+  must be whole numbers >= 0. With ``class_names`` every label must be below their count;
+  without, the count is the largest label + 1 and every class 0..max must have an example in
+  some split, so a stray label (say one 200 among 0/1) is refused instead of silently making a
+  201-class dataset of empty classes.
+
+  Args:
+    spec: the spec string.
+    arrays: split -> (images u8[N, H, W(, ch)], labels [N]).
+    class_names: one name per class, or None to number the classes from the labels.
+    normalization: a key of NORMALIZATION when the data is a known dataset.
+    label_origins: split -> where its labels are stored (a file, an array in a file), named in
+      label errors; default: the split and the spec.
+    names_from: where ``class_names`` came from, named in label errors (e.g. "class_names").
+  """
 
   def __init__(
       self,
       spec: str,
       arrays: dict[str, tuple[np.ndarray, np.ndarray]],
-      class_names: list[str],
+      class_names: list[str] | None,
       normalization: str | None = None,
+      *,
+      label_origins: dict[str, str] | None = None,
+      names_from: str = "class_names",
   ):
     super().__init__(spec)
     self._arrays = arrays
-    self._class_names = list(class_names)
     self._normalization = normalization
     shapes = {}
     for split, (images, _) in arrays.items():
@@ -58,6 +79,9 @@ class ArraySource(Source):
             "open it with resize=(H, W) after making the channel counts agree."
         )
     self._shape = tuple(int(d) for d in first)
+    origins = {s: f"split {s!r} of {spec}" for s in arrays}
+    origins.update(label_origins or {})
+    self._class_names = self._checked_class_names(class_names, origins, names_from)
 
   @property
   def splits(self) -> tuple[str, ...]:
@@ -86,10 +110,100 @@ class ArraySource(Source):
   def default_normalization(self) -> str | None:
     return self._normalization
 
+  def _checked_class_names(
+      self, names: list[str] | None, origins: dict[str, str], names_from: str
+  ) -> list[str]:
+    """Checks every split's labels (see the class docstring); returns the class names."""
+    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # split -> (values, counts)
+    for split, (_, labels) in self._arrays.items():
+      y = _integer_labels(labels, origins[split])
+      found[split] = np.unique(y, return_counts=True)
+      values, counts = found[split]
+      if values.size and values[0] < 0:
+        neg = values < 0
+        raise DataError(
+            f"{origins[split]} holds negative labels {_value_counts(values[neg], counts[neg])}; "
+            "labels must be class indices 0, 1, ...: fix them (e.g. map -1 to a class or drop "
+            "those examples)."
+        )
+    if names is not None:
+      limit = len(names)
+      for split, (values, counts) in found.items():
+        bad = values >= limit
+        if bad.any():
+          labels = np.asarray(self._arrays[split][1])
+          first = int(np.flatnonzero(labels >= limit)[0])
+          raise DataError(
+              f"label {values[bad][0]} of {self.describe(split, first)} is outside 0..{limit - 1}"
+              f": {origins[split]} holds labels {_value_counts(values[bad], counts[bad])} but "
+              f"{names_from} names {limit} classes; fix the labels, or pass class_names= "
+              "listing every class."
+          )
+      return list(names)
+    present = np.unique(np.concatenate([v for v, _ in found.values()] or [np.zeros(0, np.int64)]))
+    if not present.size:
+      return ["0"]
+    top = int(present[-1])
+    if len(present) == top + 1:  # Sorted, unique and >= 0: exactly 0..top.
+      return [str(i) for i in range(top + 1)]
+    gap = int(np.flatnonzero(present != np.arange(len(present)))[0])  # The first absent class.
+    suspects = "; ".join(
+        f"{_value_counts(v[v > gap], c[v > gap])} in {origins[s]}"
+        for s, (v, c) in found.items()
+        if (v > gap).any()
+    )
+    missing = np.setdiff1d(np.arange(top + 1), present)
+    raise DataError(
+        f"the labels of {self.spec} run up to {top} but classes {_ranges(missing)} have no "
+        f"example in any split, which would make a {top + 1}-class dataset with {len(missing)} "
+        f"empty classes. The labels above the first gap are {suspects}. Fix or drop those labels; "
+        f"if the empty classes are real, pass class_names= listing all {top + 1} classes."
+    )
 
-def _names_from_labels(arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[str]:
-  top = max((int(np.max(y)) for _, y in arrays.values() if len(y)), default=-1)
-  return [str(i) for i in range(max(top + 1, 1))]
+
+def _integer_labels(labels: np.ndarray, origin: str) -> np.ndarray:
+  """``labels`` as i64[N]; whole-number floats pass, anything else is a DataError."""
+  y = np.asarray(labels)
+  if y.ndim != 1:
+    raise DataError(
+        f"the labels in {origin} have shape {y.shape}, expected [N]; store one class index per "
+        "image."
+    )
+  if np.issubdtype(y.dtype, np.integer):
+    return y.astype(np.int64, copy=False)
+  if np.issubdtype(y.dtype, np.floating) or y.dtype == np.bool_:
+    if y.size and not np.all(np.isfinite(y) & (np.mod(y, 1) == 0)):
+      raise DataError(
+          f"the labels in {origin} are not whole numbers (dtype {y.dtype}); store integer class "
+          "indices."
+      )
+    return y.astype(np.int64)
+  raise DataError(f"the labels in {origin} have dtype {y.dtype}; store integer class indices.")
+
+
+def _value_counts(values: np.ndarray, counts: np.ndarray, limit: int = 8) -> str:
+  """'200 (1 example), 201 (3 examples)', the first ``limit`` values."""
+  parts = [
+      f"{int(v)} ({int(c)} example{'s' if c != 1 else ''})"
+      for v, c in zip(values[:limit], counts[:limit], strict=True)
+  ]
+  if len(values) > limit:
+    parts.append(f"... ({len(values) - limit} more values)")
+  return ", ".join(parts)
+
+
+def _ranges(values: np.ndarray, limit: int = 6) -> str:
+  """Sorted ints as runs, e.g. '2..199, 201'."""
+  runs: list[list[int]] = []
+  for v in (int(x) for x in values):
+    if runs and v == runs[-1][1] + 1:
+      runs[-1][1] = v
+    else:
+      runs.append([v, v])
+  text = [f"{a}..{b}" if b > a else f"{a}" for a, b in runs[:limit]]
+  if len(runs) > limit:
+    text.append("...")
+  return ", ".join(text)
 
 
 def _check_class_names(class_names: Any, spec: str) -> list[str]:
@@ -141,12 +255,17 @@ def read_idx(path: str, expected_magic: int) -> np.ndarray:
       with gzip.open(path, "rb") as f:
         raw = f.read()
       header = raw[: 4 + 4 * ndim]
+      file_size = len(raw)
     else:
       with open(path, "rb") as f:
         header = f.read(4 + 4 * ndim)
+        file_size = os.fstat(f.fileno()).st_size
       raw = None
-  except (OSError, EOFError, gzip.BadGzipFile) as e:
-    raise DataError(f"cannot read IDX file {path}: {e}; re-download or re-extract it.") from e
+  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError.
+    raise DataError(
+        f"cannot read IDX file {path}: {type(e).__name__}: {e}; the file is damaged or truncated"
+        ": re-download or re-extract it."
+    ) from e
   if len(header) < 4:
     raise DataError(f"IDX file {path} is {len(header)} bytes, too short for a header; replace it.")
   magic = int.from_bytes(header[:4], "big")
@@ -160,8 +279,8 @@ def read_idx(path: str, expected_magic: int) -> np.ndarray:
     raise DataError(f"IDX file {path} ends inside its header; replace the file.")
   shape = tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
   offset = 4 + 4 * ndim
-  count = int(np.prod(shape))
-  size = len(raw) - offset if raw is not None else os.path.getsize(path) - offset
+  count = math.prod(shape)  # Python ints: a garbage header cannot overflow.
+  size = file_size - offset
   if size != count:
     raise DataError(
         f"IDX file {path} holds {size} data bytes but its header {shape} needs {count}; the file "
@@ -169,7 +288,15 @@ def read_idx(path: str, expected_magic: int) -> np.ndarray:
     )
   if raw is not None:
     return np.frombuffer(raw, np.uint8, count=count, offset=offset).reshape(shape)
-  return np.memmap(path, np.uint8, mode="r", offset=offset, shape=shape)
+  if count == 0:
+    return np.zeros(shape, np.uint8)  # mmap cannot map zero bytes.
+  try:
+    return np.memmap(path, np.uint8, mode="r", offset=offset, shape=shape)
+  except (OSError, ValueError) as e:
+    raise DataError(
+        f"cannot memory-map IDX file {path}: {type(e).__name__}: {e}; check that it is a readable"
+        " regular file, or gzip it (.gz files are read into memory instead)."
+    ) from e
 
 
 class IdxSource(ArraySource):
@@ -190,6 +317,7 @@ class IdxSource(ArraySource):
           "holding train-images-idx3-ubyte[.gz] and friends."
       )
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    label_origins: dict[str, str] = {}
     for split, prefix in _IDX_PREFIXES:
       images_path = _find_idx_file(root, prefix, "images")
       labels_path = _find_idx_file(root, prefix, "labels")
@@ -213,29 +341,38 @@ class IdxSource(ArraySource):
             "labels; the two files must come from the same release: re-download them."
         )
       arrays[split] = (images, labels)
+      label_origins[split] = labels_path
 
+    names_from = f"variant={variant!r}"
     if variant is None:
       # The folder's name, or its parent's for layouts like torchvision's MNIST/raw.
       here = os.path.abspath(root)
       for name in (os.path.basename(here), os.path.basename(os.path.dirname(here))):
         variant = known_normalization(name)
         if variant in ("mnist", "fashion_mnist"):
+          names_from = f"variant {variant!r} (guessed from the folder name {name!r})"
           break
         variant = None
     elif variant not in ("mnist", "fashion_mnist"):
       raise ConfigError(
           f"variant={variant!r} is unknown; use 'mnist', 'fashion_mnist' or leave it out."
       )
+    names: list[str] | None = None  # None: numbered from the labels (gaps refused).
     if class_names is not None:
-      names = _check_class_names(class_names, spec)
+      names, names_from = _check_class_names(class_names, spec), "class_names"
     elif variant == "fashion_mnist":
       names = list(FASHION_MNIST_CLASSES)
     elif variant == "mnist":
       names = list(MNIST_CLASSES)
-    else:
-      names = _names_from_labels(arrays)
     self._root = root
-    super().__init__(spec, arrays, names, normalization=variant)
+    super().__init__(
+        spec,
+        arrays,
+        names,
+        normalization=variant,
+        label_origins=label_origins,
+        names_from=names_from,
+    )
 
   def describe(self, split: str, index: int) -> str:
     prefix = dict(_IDX_PREFIXES)[split]
@@ -270,6 +407,65 @@ def _as_u8_images(x: np.ndarray, name: str, path: str) -> np.ndarray:
   raise DataError(f"array {name!r} in {path} has dtype {x.dtype}; store uint8 pixels.")
 
 
+# What reading a damaged .npz can raise: np.load's own errors, the zip layer's (bad archive, bad
+# CRC, unsupported or encrypted member), zlib's, and a plain .npy given in place of a .npz.
+_NPZ_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    TypeError,
+    RuntimeError,
+    NotImplementedError,
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+)
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+  """Every array of the ``.npz`` at ``path``, read into memory.
+
+  Raises:
+    DataError: the file is not an ``.npz`` of arrays (garbage, truncated, a lone ``.npy``, a
+      zip of other files, object arrays), naming the path and how to re-create it.
+  """
+  fix = (
+      "re-create it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...), or "
+      "re-download it if it came from elsewhere."
+  )
+  try:
+    loaded = np.load(path, allow_pickle=False)
+  except _NPZ_READ_ERRORS as e:
+    # Without allow_pickle np.load reports any non-zip, non-.npy bytes as "pickled data".
+    raise DataError(
+        f"cannot read npz file {path}: it is not a zip archive of .npy arrays (np.load: "
+        f"{type(e).__name__}: {e}); the file is damaged, truncated or of another format: {fix}"
+    ) from e
+  if not isinstance(loaded, np.lib.npyio.NpzFile):
+    raise DataError(
+        f"{path} is a single .npy array of shape {getattr(loaded, 'shape', '?')}, not an .npz "
+        f"archive of named arrays: {fix}"
+    )
+  stored: dict[str, np.ndarray] = {}
+  with loaded:
+    for key in loaded.files:
+      try:
+        value = loaded[key]
+      except _NPZ_READ_ERRORS as e:
+        raise DataError(
+            f"cannot read array {key!r} of npz file {path}: {type(e).__name__}: {e}; the archive "
+            f"is damaged or holds object arrays: {fix}"
+        ) from e
+      if not isinstance(value, np.ndarray):
+        raise DataError(
+            f"npz file {path} holds {key!r}, which is not a .npy array (members: "
+            f"{loaded.files}); it is a zip of other files, not an .npz: {fix}"
+        )
+      stored[key] = value
+  return stored
+
+
 class NpzSource(ArraySource):
   """``npz:<file>``: arrays ``x_<split>``/``y_<split>`` (``train`` required), ``class_names``."""
 
@@ -280,11 +476,7 @@ class NpzSource(ArraySource):
           f"npz file {path!r} (from {spec!r}) does not exist; create it with "
           "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)."
       )
-    try:
-      with np.load(path, allow_pickle=False) as f:
-        stored = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
-      raise DataError(f"cannot read npz file {path}: {e}; re-create it with np.savez.") from e
+    stored = _load_npz(path)
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for key in sorted(stored):
       if not key.startswith("x_"):
@@ -296,6 +488,11 @@ class NpzSource(ArraySource):
       y = stored[f"y_{split}"]
       if y.ndim == 2 and y.shape[1] == 1:  # Keras-style [N, 1] labels.
         y = y[:, 0]
+      if y.ndim != 1:
+        raise DataError(
+            f"{path}: y_{split} has shape {y.shape}; store one class index per image, shape [N] "
+            "(or Keras-style [N, 1])."
+        )
       if len(x) != len(y):
         raise DataError(
             f"{path}: {key} holds {len(x)} images but y_{split} holds {len(y)} labels; store one "
@@ -309,15 +506,29 @@ class NpzSource(ArraySource):
       )
     # Train first, then the rest in name order.
     arrays = {"train": arrays.pop("train"), **arrays}
+    names: list[str] | None = None  # None: numbered from the labels (gaps refused).
+    names_from = "class_names"
     if class_names is not None:
       names = _check_class_names(class_names, spec)
     elif "class_names" in stored:
-      names = _check_class_names(stored["class_names"].tolist(), spec)
-    else:
-      names = _names_from_labels(arrays)
+      stored_names = stored["class_names"]
+      if stored_names.ndim != 1:
+        raise DataError(
+            f"array 'class_names' in {path} has shape {stored_names.shape}; store a 1-D array "
+            "of names, e.g. np.array(['cat', 'dog']), or pass class_names=."
+        )
+      names = _check_class_names(stored_names.tolist(), spec)
+      names_from = f"the class_names array in {path}"
     stem = os.path.splitext(os.path.basename(path))[0]
     self._path = path
-    super().__init__(spec, arrays, names, normalization=known_normalization(stem))
+    super().__init__(
+        spec,
+        arrays,
+        names,
+        normalization=known_normalization(stem),
+        label_origins={split: f"y_{split} in {path}" for split in arrays},
+        names_from=names_from,
+    )
 
   def describe(self, split: str, index: int) -> str:
     return f"example {index} of x_{split} in {self._path}"

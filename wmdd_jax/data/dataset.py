@@ -12,10 +12,12 @@ into normalised float arrays is :mod:`wmdd_jax.data.transforms`' job.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -43,6 +45,64 @@ from wmdd_jax.errors import ConfigError, DataError, DatasetNotFoundError
 _SOURCE_OPTIONS = {prefix: kind.options for prefix, kind in SOURCES.items()}
 
 VAL_SPLIT = "val"
+
+# Part of every stats cache key: bump it when what is cached or how it is computed changes.
+_STATS_VERSION = "wmdd_jax-stats-2"
+
+
+def stats_cache_dir() -> str:
+  """The folder computed mean/std are cached in between runs (never the dataset's folder).
+
+  ``$WMDD_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/wmdd_jax``, else ``~/.cache/wmdd_jax``.
+  Entries live in its ``stats/`` subfolder, one small JSON file per key; deleting the folder
+  only costs recomputation. An unwritable folder is not an error: the stats then stay in memory.
+  """
+  explicit = os.environ.get("WMDD_CACHE_DIR")
+  if explicit:
+    return os.path.expanduser(explicit)
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+  return os.path.join(os.path.expanduser(base), "wmdd_jax")
+
+
+def _read_stats(
+    path: str, key: str, ch: int
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+  """The cached (mean, std) at ``path`` if it is a well-formed entry for ``key``, else None."""
+  try:
+    with open(path) as f:
+      entry = json.load(f)
+  except (OSError, ValueError):
+    return None  # Absent or damaged: it only costs a recomputation.
+  if not isinstance(entry, dict) or entry.get("key") != key:
+    return None  # Never trust an entry written for other content.
+  try:
+    mean = tuple(float(m) for m in entry["mean"])
+    std = tuple(float(s) for s in entry["std"])
+  except (KeyError, TypeError, ValueError):
+    return None
+  values = np.asarray(mean + std)
+  if len(mean) != ch or len(std) != ch or not np.all(np.isfinite(values)) or min(std) <= 0:
+    return None
+  return mean, std
+
+
+def _write_atomically(path: str, text: str) -> bool:
+  """Writes ``text`` to ``path`` through a temporary file and a rename; False when it cannot."""
+  parent = os.path.dirname(path)
+  tmp = None
+  try:
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=parent)
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+    return True
+  except OSError:
+    # A read-only or full cache folder: keep the result in memory only.
+    if tmp is not None:
+      with contextlib.suppress(OSError):
+        os.remove(tmp)
+    return False
 
 
 def parse_hw(value: Any, what: str) -> tuple[int, int]:
@@ -267,22 +327,30 @@ class Dataset:
     self._mean_std = (tuple(mean), tuple(std))
     return self._mean_std
 
-  def _stats_key(self, split: str) -> str:
-    parts = [self.spec, self.image_shape, self.val_fraction, self._seed, self.num_examples(split)]
-    return hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
+  def _stats_key(self, split: str) -> str | None:
+    """Cache key of the mean/std of ``split``: the source's content fingerprint and the view."""
+    src_split, _ = self._views[split]
+    content = self._source.stats_cache_key(src_split)
+    if content is None:
+      return None
+    parts = [
+        _STATS_VERSION,
+        content,
+        split,
+        self.image_shape,
+        self.val_fraction,
+        self._seed if self.val_fraction else None,  # The seed only picks the val hold-out.
+    ]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
 
   def _computed_mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
     split = "train" if "train" in self._views else self.splits[0]
-    cache = self._source.stats_cache_path()
     key = self._stats_key(split)
-    if cache is not None:
-      try:
-        with open(cache) as f:
-          entry = json.load(f).get(key)
-        if entry is not None:
-          return tuple(entry["mean"]), tuple(entry["std"])
-      except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass  # An absent or stale cache only costs a recomputation.
+    path = None if key is None else os.path.join(stats_cache_dir(), "stats", f"{key}.json")
+    if path is not None:
+      cached = _read_stats(path, key, self.image_shape[2])
+      if cached is not None:
+        return cached
     ch = self.image_shape[2]
     total = np.zeros(ch, np.float64)
     total_sq = np.zeros(ch, np.float64)
@@ -299,22 +367,9 @@ class Dataset:
     std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
     std = np.where(std > 0, std, 1.0)  # A constant channel: avoid dividing by zero later.
     result = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    if cache is not None:
-      try:
-        try:
-          with open(cache) as f:
-            table = json.load(f)
-          if not isinstance(table, dict):
-            table = {}
-        except (OSError, ValueError):
-          table = {}
-        table[key] = {"mean": list(result[0]), "std": list(result[1]), "spec": self.spec}
-        tmp = f"{cache}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-          json.dump(table, f, indent=1)
-        os.replace(tmp, cache)
-      except OSError:
-        pass  # Read-only data: keep the in-memory result only.
+    if path is not None:
+      entry = {"key": key, "mean": list(result[0]), "std": list(result[1]), "spec": self.spec}
+      _write_atomically(path, json.dumps(entry, indent=1))
     return result
 
   # ----------------------------------------------------------------------------------- reading
@@ -564,8 +619,11 @@ def open_dataset(spec: str, **options: Any) -> Dataset:
     class folder names of the train split; other splits may lack classes). Options:
     ``channels`` (1 or 3; default: from the first image), ``num_workers`` (decoding threads),
     ``verify`` (decode every image once at open time, so corrupt or mixed-size files fail now
-    rather than mid-run; default False), ``stats_cache`` (store computed mean/std in
-    ``<root>/.wmdd_stats.json``; default True). Files are only listed at open time.
+    rather than mid-run; default False), ``stats_cache`` (cache computed mean/std between runs
+    in :func:`stats_cache_dir`, keyed on every file's relative path, size and mtime, so replaced
+    images are never given stale constants; the dataset folder is never written to; default
+    True). Files are only listed at open time; symlinks are followed but no folder is read twice
+    (a loop is skipped with a warning).
 
     ``idx:<dir>``: MNIST-format ``train-``/``t10k-`` ``images-idx3-ubyte`` and
     ``labels-idx1-ubyte`` files, raw or ``.gz``. Options: ``variant`` ('mnist' or
@@ -574,6 +632,12 @@ def open_dataset(spec: str, **options: Any) -> Dataset:
     ``npz:<file>``: arrays ``x_<split>`` (u8 [N, H, W] or [N, H, W, ch], or floats in [0, 1])
     and ``y_<split>``, at least the train split; optional ``class_names``. Option
     ``class_names``.
+
+    Labels of ``idx:`` and ``npz:`` are checked at open time: whole numbers >= 0, below the
+    number of classes when class names are known (``class_names``, an ``idx:`` variant, the
+    archive's ``class_names``); otherwise the classes are numbered 0..max label and each must
+    have an example in some split, so a stray label (e.g. one 200 among 0/1) is a DataError
+    rather than a 201-class dataset. Pass ``class_names`` when empty classes are intended.
 
     ``digits``: sklearn's 8x8 digits (1797 images, 0..16 scaled to 0..255), split stratified
     and seeded. Option ``test_fraction`` (default 0.25).

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,42 +16,112 @@ from wmdd_jax.errors import ConfigError, DataError, DatasetNotFoundError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-STATS_CACHE_NAME = ".wmdd_stats.json"
+
+
+def _scan(path: str) -> list[os.DirEntry]:
+  """The entries of directory ``path`` in name order; an unreadable one is a DataError."""
+  try:
+    with os.scandir(path) as entries:
+      return sorted(entries, key=lambda e: e.name)
+  except OSError as e:
+    raise DataError(
+        f"cannot list folder {path}: {type(e).__name__}: {e}; make it readable (check its "
+        "permissions and any symlink pointing to it) or remove it."
+    ) from e
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+  try:
+    return entry.is_dir()  # Follows symlinks; False for a dangling one.
+  except OSError:
+    return False
+
+
+def _dir_id(path: str) -> tuple[int, int]:
+  """(st_dev, st_ino) of the directory ``path`` points to, symlinks followed."""
+  try:
+    st = os.stat(path)
+  except OSError as e:
+    raise DataError(
+        f"cannot stat folder {path}: {type(e).__name__}: {e}; make it readable or remove it."
+    ) from e
+  return st.st_dev, st.st_ino
 
 
 def _subdirs(path: str) -> list[str]:
-  return sorted(
-      e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith((".", "__"))
-  )
+  return [
+      e.name for e in _scan(path) if _is_dir(e) and not e.name.startswith((".", "__"))
+  ]
 
 
-def _image_files(class_dir: str) -> list[str]:
+def _is_image_name(name: str) -> bool:
+  return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _image_files(class_dir: str, visited: set[tuple[int, int]]) -> list[str]:
+  """Image files under ``class_dir``, depth first in name order, each directory read once.
+
+  Symlinks are followed, but a directory whose (st_dev, st_ino) is in ``visited`` (the dataset
+  root, the split folder, every class folder of the split, and whatever was read before) is
+  skipped with one warning: a link loop (``loop -> .``), a link back up the tree, or a second
+  link to a folder already read would otherwise count its images again, under this class.
+
+  Args:
+    class_dir: the class folder (its own id is already in ``visited``).
+    visited: ids of the directories already read or reserved; updated in place.
+
+  Returns:
+    Paths of the image files, as reached from ``class_dir``.
+  """
   found = []
-  for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    found.extend(
-        os.path.join(dirpath, name)
-        for name in sorted(filenames)
-        if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-    )
+  stack = [(class_dir, True)]
+  while stack:
+    path, is_top = stack.pop()
+    if not is_top:
+      ident = _dir_id(path)
+      if ident in visited:
+        warnings.warn(
+            f"skipping folder {path}: it is {os.path.realpath(path)}, a folder this split already "
+            "reads (a symlink loop or a second link to it), so its images are counted once.",
+            stacklevel=2,
+        )
+        continue
+      visited.add(ident)
+    subdirs = []
+    for entry in _scan(path):
+      if entry.name.startswith("."):
+        continue
+      if _is_dir(entry):
+        subdirs.append(entry.path)
+      elif _is_image_name(entry.name):
+        # Dangling links are kept: reading them fails with a DataError naming the file.
+        found.append(entry.path)
+    stack.extend((d, False) for d in reversed(subdirs))
   return found
 
 
 def _has_images(path: str) -> bool:
-  return any(
-      e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in os.scandir(path)
-  )
+  return any(not _is_dir(e) and _is_image_name(e.name) for e in _scan(path))
 
 
 class FolderSource(Source):
   """Image files under ``<root>/<split>/<class>/``; class index = sorted train class folders.
+
+  Files are listed once, when the source is made, recursively below each class folder. Symlinks
+  are followed, but no directory is read twice within a split (compared by st_dev/st_ino): a
+  symlink loop (``<class>/loop -> .``), a link back up the tree or into another class's folder,
+  or a second link to a folder already read is skipped with a one-line warning, so every image
+  is counted once. Two class folders that are the same directory are a DataError (their images
+  would get two labels). Names starting with ``.`` are ignored.
 
   Args:
     spec: the spec string.
     root: the folder holding one subfolder per split.
     channels: 1 (grey) or 3 (RGB) to convert every image to; None: from the first train image.
     num_workers: threads decoding a batch (PIL releases the GIL while decoding).
-    stats_cache: store computed mean/std in ``<root>/.wmdd_stats.json``.
+    stats_cache: cache computed mean/std between runs in the user cache folder, keyed on the
+      files' names, sizes and mtimes (see :func:`wmdd_jax.data.dataset.stats_cache_dir`); the
+      dataset folder is never written to.
   """
 
   def __init__(
@@ -108,12 +180,30 @@ class FolderSource(Source):
     index = {name: i for i, name in enumerate(names)}
     self._files: dict[str, list[str]] = {}
     self._labels: dict[str, np.ndarray] = {}
+    root_id = _dir_id(root)
     for split, classes in class_dirs.items():
       files: list[str] = []
       labels: list[int] = []
+      # Directories this split reads, so none is read twice (see _image_files); class folders
+      # are reserved up front, so a link from one class into another is skipped, not relabelled.
+      visited = {root_id, _dir_id(os.path.join(root, split))}
+      owner: dict[tuple[int, int], str] = {}
       for name in classes:
         class_dir = os.path.join(root, split, name)
-        found = _image_files(class_dir)
+        ident = _dir_id(class_dir)
+        if ident in owner or ident in visited:
+          same = owner.get(ident)
+          raise DataError(
+              f"class folder {class_dir} is the same folder as "
+              + (os.path.join(root, split, same) if same else "the split or dataset folder")
+              + f" ({os.path.realpath(class_dir)}), so its images would get two labels; remove "
+              "the symlink or give the class its own folder."
+          )
+        owner[ident] = name
+      visited.update(owner)
+      for name in classes:
+        class_dir = os.path.join(root, split, name)
+        found = _image_files(class_dir, visited)
         if not found:
           raise DataError(
               f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add "
@@ -129,8 +219,10 @@ class FolderSource(Source):
     try:
       with Image.open(first) as im:
         mode, (width, height) = im.mode, im.size
-    except (OSError, SyntaxError, ValueError) as e:
-      raise DataError(f"cannot read image {first}: {e}; replace or delete the file.") from e
+    except Exception as e:  # PIL raises many kinds on damaged files (see _decode).
+      raise DataError(
+          f"cannot read image {first}: {type(e).__name__}: {e}; replace or delete the file."
+      ) from e
     if channels is None:
       channels = 1 if mode in _GREY_MODES else 3
     if channels not in (1, 3):
@@ -164,8 +256,14 @@ class FolderSource(Source):
     try:
       with Image.open(path) as im:
         array = np.asarray(im.convert(self._mode))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-      raise DataError(f"cannot decode image {path}: {e}; replace or delete the file.") from e
+    except Exception as e:
+      # Besides OSError (unreadable, truncated, unidentified), PIL's decoders raise SyntaxError,
+      # ValueError, struct.error, IndexError, DecompressionBombError, ... on damaged files; all
+      # of them mean this file cannot be used.
+      raise DataError(
+          f"cannot decode image {path}: {type(e).__name__}: {e}; replace or delete the file "
+          "(open_dataset(..., verify=True) finds every such file at open time)."
+      ) from e
     array = array[..., None] if array.ndim == 2 else array
     return array if fit is None else fit(array)
 
@@ -183,8 +281,25 @@ class FolderSource(Source):
   def default_normalization(self) -> str | None:
     return known_normalization(os.path.basename(os.path.abspath(self._root)))
 
-  def stats_cache_path(self) -> str | None:
-    return os.path.join(self._root, STATS_CACHE_NAME) if self._stats_cache else None
+  def stats_cache_key(self, split: str) -> str | None:
+    """Hash of the sorted (path relative to the root, size, mtime_ns) of the split's files.
+
+    Replacing, adding, removing or renaming an image (or moving it to another class) changes
+    it; None (no caching) when ``stats_cache=False`` or a file cannot be stat'ed (reading it
+    will then raise the error that says why).
+    """
+    if not self._stats_cache:
+      return None
+    rows = []
+    for path in self._files[split]:
+      try:
+        st = os.stat(path)
+      except OSError:
+        return None
+      rows.append((os.path.relpath(path, self._root), st.st_size, st.st_mtime_ns))
+    rows.sort()
+    digest = hashlib.sha256(repr((self._mode, rows)).encode())
+    return digest.hexdigest()
 
 
 register_source(

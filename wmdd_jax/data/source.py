@@ -139,8 +139,14 @@ class Source(abc.ABC):
     """A key of NORMALIZATION when the data is a known dataset."""
     return None
 
-  def stats_cache_path(self) -> str | None:
-    """Where computed mean/std may be stored between runs (None: memory only)."""
+  def stats_cache_key(self, split: str) -> str | None:
+    """A fingerprint of the content of ``split``, or None to keep computed mean/std in memory.
+
+    When given, computed mean/std are cached between runs in the user cache folder under a key
+    built from it, so it must change whenever any image of the split (or its label) changes:
+    e.g. a hash of every file's relative path, size and modification time.
+    """
+    del split
     return None
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from wmdd_jax.data.source import Source, SourceKind, known_normalization, register_source
-from wmdd_jax.errors import ConfigError, DataError, DatasetNotFoundError
+from wmdd_jax.errors import ConfigError, DataError, DatasetNotFoundError, WMDDError
 
 _PROBED_SPLITS = ("train", "validation", "test")
 _READERS = ("auto", "data_source", "tf")
@@ -170,6 +170,17 @@ class TfdsSource(Source):
   def describe(self, split: str, index: int) -> str:
     return f"record {index} of split {split!r} of TFDS dataset {self._name!r}"
 
+  def _damaged(self, split: str, what: str, cause: Exception) -> DataError:
+    """The error for a prepared split whose files fail to read (corrupt, truncated, missing)."""
+    where = self._data_dir or _default_data_dir()
+    return DataError(
+        f"cannot read {what} of split {split!r} of TFDS dataset {self._name!r} in "
+        f"data_dir={where!r}: {type(cause).__name__}: {cause}; its prepared files are damaged or "
+        f"incomplete: delete {self._name.split(':')[0]!r} under data_dir and prepare it again "
+        f"(`tfds build {self._name} --data_dir=DIR --file_format=array_record`, or "
+        "open_dataset(spec, download=True, data_dir=DIR) on a machine with internet)."
+    )
+
   def _tf_dataset(self, split: str, skip_images: bool) -> Any:
     tfds = self._tfds
     decoders = {self._image_key: tfds.decode.SkipDecoding()} if skip_images else None
@@ -186,6 +197,14 @@ class TfdsSource(Source):
       ) from e
 
   def labels(self, split: str) -> np.ndarray:
+    try:
+      return self._read_labels(split)
+    except WMDDError:
+      raise
+    except Exception as e:  # The record readers raise many kinds on damaged files.
+      raise self._damaged(split, "the labels", e) from e
+
+  def _read_labels(self, split: str) -> np.ndarray:
     tfds = self._tfds
     key = self._label_key
     if self._reader == "tf":
@@ -220,13 +239,27 @@ class TfdsSource(Source):
   def read(self, split: str, indices: np.ndarray, fit: Any = None) -> list[np.ndarray]:
     del fit  # The dataset resizes after reading.
     source = self._open(split, auto=False)
-    records = self._get(source, [int(i) for i in indices])
-    return [np.asarray(r[self._image_key], np.uint8) for r in records]
+    keys = [int(i) for i in indices]
+    try:
+      records = self._get(source, keys)
+      return [np.asarray(r[self._image_key], np.uint8) for r in records]
+    except WMDDError:
+      raise
+    except Exception as e:  # The record readers raise many kinds on damaged files.
+      shown = ", ".join(str(k) for k in keys[:4]) + (", ..." if len(keys) > 4 else "")
+      raise self._damaged(split, f"records {shown}", e) from e
 
   def stream(self, split: str) -> Iterator[np.ndarray]:
     ds = self._tf_dataset(split, skip_images=False)
-    for example in self._tfds.as_numpy(ds):
-      yield np.asarray(example[self._image_key], np.uint8)
+    index = 0
+    try:
+      for example in self._tfds.as_numpy(ds):
+        yield np.asarray(example[self._image_key], np.uint8)
+        index += 1
+    except WMDDError:
+      raise
+    except Exception as e:  # tf.data raises DataLossError and others on damaged files.
+      raise self._damaged(split, f"record {index}", e) from e
 
 
 register_source(
