@@ -7,12 +7,14 @@ a table of student test top-1 and writes ``<workdir>/demo.json``. Re-running res
 """
 
 import os
+import sys
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from wmdd_jax import pipeline, report
+from wmdd_jax.errors import WMDDError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "digits.py"),
@@ -33,7 +35,10 @@ def main(argv):
     config.method = method
     if teacher:
       config.teacher.checkpoint = teacher
-    metrics = pipeline.run(config, os.path.join(root, method))
+    try:
+      metrics = pipeline.run(config, os.path.join(root, method))
+    except WMDDError as e:  # made on purpose: the message names the cause and the fix
+      sys.exit(f"error: {e}")
     teacher = teacher or os.path.join(root, method, "teacher")
     rows.append(metrics)
   seconds = time.perf_counter() - start

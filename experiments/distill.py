@@ -4,16 +4,21 @@
     python experiments/distill.py --config experiments/configs/digits.py --workdir DIR \\
         --config.method=random --config.ipc=1 --config.debug=True
 
-Re-running with the same --workdir loads finished stages and continues an interrupted recover.
+Re-running with the same --workdir loads finished stages and continues an interrupted recover;
+a finished stage whose settings this run changes is refused, naming the fields and the files to
+delete (``<workdir>/fingerprints.json``). One run at a time per workdir (``<workdir>/.lock``).
 Several hosts: run the same command in each, with WMDD_COORDINATOR=host0:port,
 WMDD_NUM_PROCESSES=N and WMDD_PROCESS_ID=i set, and a --workdir they all see (README, "Scaling
 out").
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from wmdd_jax import pipeline
+from wmdd_jax.errors import WMDDError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -24,7 +29,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  pipeline.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    pipeline.run(_CONFIG.value, _WORKDIR.value)
+  except WMDDError as e:  # made on purpose: the message names the cause and the fix
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ it to train again. Each config's docstring gives its expected runtime and accura
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from wmdd_jax import pipeline
+from wmdd_jax.errors import WMDDError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -40,7 +42,10 @@ def main(argv):
   if os.path.exists(path):
     logging.info("A teacher already exists at %s; delete it to train again.", path)
     return
-  out = pipeline.run(config, workdir, stop_after="teacher", log=logging.info)
+  try:
+    out = pipeline.run(config, workdir, stop_after="teacher", log=logging.info)
+  except WMDDError as e:  # made on purpose: the message names the cause and the fix
+    sys.exit(f"error: {e}")
   print(f"teacher: {config.teacher.model} test top-1 {out['teacher_top1']:.2f}% "
         f"top-5 {out['teacher_top5']:.2f}%; saved to {out['teacher']}")
 

@@ -9,10 +9,13 @@ and ``<workdir>/grid.png`` (classes x IPC). The teacher is loaded from ``teacher
 ``experiments/distill.py`` on the same workdir afterwards only adds the evaluation.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from wmdd_jax import pipeline
+from wmdd_jax.errors import WMDDError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -23,7 +26,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  pipeline.run(_CONFIG.value, _WORKDIR.value, evaluate=False)
+  try:
+    pipeline.run(_CONFIG.value, _WORKDIR.value, evaluate=False)
+  except WMDDError as e:  # made on purpose: the message names the cause and the fix
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -355,3 +355,11 @@ def test_json_artefacts_round_trip(tmp_path):
   assert config_lib.complete(json.load(open(files.config))).eval.eval_every == 25
   for name in ("eval.json", "timings.json", "metrics.json", "config.json"):
     assert os.path.exists(os.path.join(str(tmp_path), name)), name
+
+
+def test_configs_share_no_placeholder():
+  """A placeholder set in one config (classes_per_batch) stays out of every other config."""
+  a, b = config_lib.default_config(), config_lib.default_config()
+  a.barycenter.classes_per_batch = 3
+  assert b.barycenter.classes_per_batch is None
+  assert config_lib.default_config().barycenter.classes_per_batch is None

@@ -8,6 +8,8 @@ from wmdd_jax.errors import (
     NonFiniteError,
     ShapeError,
     WMDDError,
+    WorkdirBusyError,
+    WorkdirError,
 )
 
 __version__ = "0.1.0"
@@ -20,5 +22,7 @@ __all__ = [
     "NonFiniteError",
     "ShapeError",
     "WMDDError",
+    "WorkdirBusyError",
+    "WorkdirError",
     "__version__",
 ]

@@ -23,6 +23,12 @@ once, below. Exceptions to "the dataclass's default":
   None are ml_collections placeholders of the field's type: None until set, so that the
   method's value (or the dataclass's None behaviour) applies.
 
+Fields that do not change any result (:data:`RESULT_NEUTRAL`: progress bars, checkpoint
+intervals, evaluation batch sizes, ``parallel.*``, ...) are left out of the stage fingerprints
+the pipeline keeps in ``<workdir>/fingerprints.json``, so a finished or interrupted stage can be
+resumed with other values; changing any other field a saved stage depends on is refused (see
+wmdd_jax/pipeline.py).
+
 The top level and the sections are :class:`ConfigSection`: reading a field that does not exist,
 or adding one to a locked config (as ``--config.recover.iteratons=5`` does: config_flags looks
 the field up first), raises :class:`UnknownFieldError`, a ConfigError naming the valid fields.
@@ -83,6 +89,29 @@ PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
         # 300-epoch run. The paper presets set 10.
         "eval_every": 25,
     },
+}
+
+# Fields that do not change a stage's results, so the stage fingerprints leave them out and a
+# saved stage is reused whatever their value (wmdd_jax/pipeline.py). ``parallel`` entirely: mesh,
+# units and memory_budget_bytes lay the same computation out on devices (the figures agree to
+# float round-off, as across device counts, which no config field records either); they are
+# kept in config.json. recover.class_chunk is not here: under coupling objectives it is part of
+# the loss, and a resumed recover_ckpt/ is saved per chunk.
+RESULT_NEUTRAL: dict[str, tuple[str, ...]] = {
+    # Evaluations of the teacher during training (and its checkpoint interval) leave the weights
+    # as they are; teacher.checkpoint is where the teacher lives: its weights identify it.
+    "teacher": ("eval_every", "eval_batch_size", "max_eval_batches", "checkpoint_every",
+                "checkpoint"),
+    # Each class uses fold_in(key, c): the batching changes round-off only.
+    "barycenter": ("classes_per_batch",),
+    # Host syncs, the scan fusion and the checkpoint interval: the same steps.
+    "recover": ("steps_per_call", "scan", "checkpoint_every"),
+    # The test accuracy is a count: the evaluation batch size does not change it.
+    "eval": ("eval_batch_size", "progress"),
+    "parallel": ("mesh", "memory_budget_bytes", "units"),
+    # open_dataset options that change how, not what, is read.
+    "dataset.options": ("num_workers", "verify", "stats_cache", "load_split_max_bytes",
+                        "download"),
 }
 
 # Fields of the run that are not options of a stage function, declared once here. A value that
@@ -241,7 +270,10 @@ def section_defaults(section: str) -> dict[str, Any]:
     else:
       out[field.name] = default
   for name, value in PIPELINE_FIELDS.get(section, {}).items():
-    out[name] = value
+    # A fresh placeholder per config: a shared FieldReference would carry a value set in one
+    # config into every other config of the process.
+    out[name] = (_placeholder(value.get_type()) if isinstance(value, config_dict.FieldReference)
+                 else value)
   return out
 
 
@@ -364,6 +396,48 @@ def options(config: Any, section: str, **overrides: Any) -> Any:
   return SECTIONS[section](**{**options_kwargs(config, section), **overrides})
 
 
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Pipeline-level fields and what each must be: (test, what it must be).
+_FIELD_CHECKS: dict[str, tuple[Any, str]] = {
+    "seed": (_is_int, "an int"),
+    "debug": (lambda v: isinstance(v, bool), "True or False"),
+    "dataset.spec": (lambda v: isinstance(v, str) and v, "a data spec string (e.g. 'digits')"),
+    "dataset.train_split": (lambda v: isinstance(v, str) and v, "a split name"),
+    "dataset.test_split": (lambda v: isinstance(v, str) and v, "a split name"),
+    "teacher.model": (lambda v: isinstance(v, str) and v, "a registered model name"),
+    "teacher.checkpoint": (lambda v: isinstance(v, str), "a path ('' : <workdir>/teacher)"),
+    "barycenter.learn_weights": (lambda v: isinstance(v, bool), "True or False"),
+    "barycenter.classes_per_batch": (lambda v: v is None or (_is_int(v) and v >= 1),
+                                     "None or an int >= 1"),
+    "recover.class_chunk": (lambda v: _is_int(v) and v >= 0, "an int >= 0 (0: the default)"),
+    "recover.checkpoint_every": (lambda v: _is_int(v) and v >= 1, "an int >= 1 (steps)"),
+    "recover.jpeg_quality": (lambda v: _is_int(v) and 1 <= v <= 100, "an int in [1, 100]"),
+    "eval.model": (lambda v: isinstance(v, str), "a registered model name ('' : the teacher's)"),
+}
+
+
+def check_pipeline_fields(config: Any) -> None:
+  """Refuses a bad value of a field no option dataclass checks (the pipeline-level fields).
+
+  Raises:
+    ConfigError: naming the field, its value and what it must be.
+  """
+  for path, (test, want) in _FIELD_CHECKS.items():
+    section, _, name = path.rpartition(".")
+    holder = config[section] if section else config
+    if name not in _keys(holder):
+      continue
+    value = holder[name]
+    if isinstance(value, config_dict.FieldReference):
+      value = value.get()
+    if not test(value):
+      raise ConfigError(f"config.{path}={value!r} must be {want}; fix it in the config file or "
+                        f"with --config.{path}=...")
+
+
 def complete(config: Any) -> ConfigSection:
   """``config`` over :func:`default_config`: every field present, an unknown one refused.
 
@@ -397,7 +471,40 @@ def _assign(target: ConfigSection, name: str, value: Any, path: str) -> None:
     raise ConfigError(f"{path}={value!r}: {e}; give a value of the field's type.") from None
 
 
-__all__ = ["DATASET", "DERIVED", "PIPELINE_DEFAULTS", "PIPELINE_FIELDS", "SECTIONS", "TOP_LEVEL",
-           "ConfigSection", "UnknownFieldError", "check_fields", "complete", "default_config",
-           "options", "options_kwargs", "section_defaults", "section_values",
-           "unknown_field_message"]
+__all__ = ["DATASET", "DERIVED", "PIPELINE_DEFAULTS", "PIPELINE_FIELDS", "RESULT_NEUTRAL",
+           "SECTIONS", "TOP_LEVEL", "ConfigSection", "UnknownFieldError", "check_fields",
+           "check_pipeline_fields",
+           "complete", "default_config", "options", "options_kwargs", "section_defaults",
+           "section_values", "unknown_field_message"]
+
+
+# ------------------------------------------------------------------ reading a run's config
+
+
+def plain(value: Any) -> dict[str, Any]:
+  """A config sub-dict (or None) as a plain dict."""
+  if value is None:
+    return {}
+  return value.to_dict() if hasattr(value, "to_dict") else dict(value)
+
+
+def split(config, which: str) -> str:
+  """The dataset split playing the role ``which`` ("train"/"test"; "val" for tuning runs)."""
+  return config.dataset[f"{which}_split"]
+
+
+def student(config) -> tuple[str, dict[str, Any]]:
+  """The student's model name and options (``eval.model``, else the teacher's)."""
+  if config.eval.model:
+    return config.eval.model, plain(config.eval.model_options)
+  return config.teacher.model, plain(config.teacher.model_options)
+
+
+def recover_options(config: Any) -> RecoverOptions:
+  """RecoverOptions for ``config.method``: the method's switches fill the fields left unset.
+
+  Raises:
+    ConfigError: an unknown method or recover field, or a value RecoverOptions refuses.
+  """
+  method = methods.get_method(config.method)
+  return method.recover_options(options_kwargs(config, "recover"))

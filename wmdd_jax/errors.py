@@ -31,3 +31,11 @@ class NonFiniteError(WMDDError, FloatingPointError):
 
 class CheckpointError(WMDDError, OSError):
   """A checkpoint that is missing, truncated, corrupt or incompatible."""
+
+
+class WorkdirError(WMDDError, OSError):
+  """A working directory that cannot be used: a file, not writable, full, or in use."""
+
+
+class WorkdirBusyError(WorkdirError):
+  """Another run holds the working directory's lock."""

@@ -10,11 +10,29 @@ rest lives elsewhere:
 Every stage saves its outputs under ``workdir`` and is skipped when they are there:
 
     teacher/           Orbax teacher (or config.teacher.checkpoint)
+    teacher_ckpt/      resumable teacher training (Orbax, every teacher.checkpoint_every epochs;
+                       removed once teacher/ is saved)
     stats.npz          per-class and global BN-input statistics (+ features.npy, labels)
     barycenter.npz     per-class barycenter support and weights
     recover_ckpt/      resumable recover state (Orbax, every recover.checkpoint_every steps)
     synset/            the synthetic set (Orbax + meta.json); grid.png
     eval.json          student results; metrics.json, curves.png, summary.txt
+
+Every stage's record of what it was computed from goes to ``fingerprints.json``: the config
+fields it depends on (less :data:`wmdd_jax.config.RESULT_NEUTRAL`) and the records of the stages
+it reads (:mod:`wmdd_jax.fingerprints`, :func:`~wmdd_jax.fingerprints.stage_records` for the
+lists). A rerun reuses a saved stage only when they
+match; otherwise it refuses with a ConfigError naming the stage, the fields (old -> new) and the
+files to delete: before any stage runs for a changed config, once the teacher is loaded for a
+changed teacher. A workdir from before fingerprints (none recorded)
+is accepted as made with the current config and recorded. config.json is written after that
+check, so it always describes the results beside it. stats.npz, features.npy and barycenter.npz
+also get a sha256 there, checked when they are read back.
+
+One run at a time per workdir: a run holds ``<workdir>/.lock`` (flock; with several processes,
+process 0 holds it) and refuses a workdir another live run holds; it removes the temporaries a
+killed run left. A finished run on read-only storage can still be reopened: with every stage
+done, a rerun reads and prints the results and writes nothing.
 
 Keys: one root key ``key(config.seed)``; each stage gets ``fold_in(root, crc32(stage name))``, so
 re-running or resuming any stage reproduces it bit for bit.
@@ -33,16 +51,19 @@ command against a shared ``workdir``; process 0 writes the files (see :func:`run
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import time
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 
-from wmdd_jax import artefacts, checkpoint, methods, report, statistics, store, training
+from wmdd_jax import artefacts, checkpoint, fingerprints, methods, statistics, store, training
 from wmdd_jax import barycenter as barycenter_lib
 from wmdd_jax import config as config_lib
 from wmdd_jax import evaluate as evaluate_lib
@@ -53,7 +74,7 @@ from wmdd_jax.config import default_config
 from wmdd_jax.data import open_dataset
 from wmdd_jax.distributed import Execution, Sharded, local_execution, make_execution, sharding
 from wmdd_jax.distributed import units as units_lib
-from wmdd_jax.errors import ConfigError
+from wmdd_jax.errors import ConfigError, NonFiniteError, WMDDError, WorkdirError
 from wmdd_jax.models import get_model
 from wmdd_jax.models.base import running_statistics
 
@@ -135,14 +156,7 @@ def stage_key(root: jax.Array, name: str) -> jax.Array:
   return jax.random.fold_in(root, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def recover_options(config: Any) -> recover_lib.RecoverOptions:
-  """RecoverOptions for ``config.method``: the method's switches fill the fields left unset.
-
-  Raises:
-    ConfigError: an unknown method or recover field, or a value RecoverOptions refuses.
-  """
-  method = methods.get_method(config.method)
-  return method.recover_options(config_lib.options_kwargs(config, "recover"))
+recover_options = config_lib.recover_options
 
 
 class _Timer:
@@ -156,30 +170,13 @@ class _Timer:
     self.timings[self.name] = round(time.perf_counter() - self.start, 3)
 
 
-def _plain(value: Any) -> dict[str, Any]:
-  if value is None:
-    return {}
-  return value.to_dict() if hasattr(value, "to_dict") else dict(value)
-
-
-def _split(config, which: str) -> str:
-  """The dataset split playing the role ``which`` ("train"/"test"; "val" for tuning runs)."""
-  return config.dataset[f"{which}_split"]
-
-
-def _student(config) -> tuple[str, dict[str, Any]]:
-  """The student's model name and options (``eval.model``, else the teacher's)."""
-  if config.eval.model:
-    return config.eval.model, _plain(config.eval.model_options)
-  return config.teacher.model, _plain(config.teacher.model_options)
-
-
 # ------------------------------------------------------------------------------- checks
 
 
 def _check_config(config: Any) -> None:
   """Every check that needs no dataset: unknown fields, the method, each stage's options."""
   config_lib.check_fields(config)
+  config_lib.check_pipeline_fields(config)
   ipc = config.ipc
   if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
     raise ConfigError(f"config.ipc={ipc!r} must be an int >= 1 (images per class).")
@@ -210,14 +207,16 @@ def validate(config: Any, dataset: Any) -> None:
   config = config_lib.complete(config)
   _check_config(config)
   ipc = config.ipc
-  split = _split(config, "train")
+  split = config_lib.split(config, "train")
   counts = list(dataset.class_counts(split))
   smallest = int(min(counts)) if counts else 0
   if ipc > smallest:
     c = int(np.argmin(counts))
     raise ConfigError(f"config.ipc={ipc} exceeds the {smallest} {split} images of class {c} "
                       f"({dataset.class_names[c]}); use ipc <= {smallest}.")
-  student_name, student_opts = _student(config)
+  get_model(config.teacher.model, dataset.num_classes,
+            **config_lib.plain(config.teacher.model_options))
+  student_name, student_opts = config_lib.student(config)
   get_model(student_name, dataset.num_classes, **student_opts)
 
 
@@ -232,10 +231,29 @@ def _check_teacher_meta(meta, config, dataset, path) -> None:
   if shape is not None and tuple(shape)[-1] != tuple(dataset.image_shape)[-1]:
     problems.append(f"{tuple(shape)[-1]} input channels (the dataset has "
                     f"{tuple(dataset.image_shape)[-1]})")
+  if shape is not None and tuple(shape)[:2] != tuple(dataset.image_shape)[:2]:
+    problems.append(f"{shape[0]}x{shape[1]} input images (the dataset's are "
+                    f"{dataset.image_shape[0]}x{dataset.image_shape[1]}; "
+                    "config.dataset.options.resize sets them)")
+  spec = meta.get("dataset")
+  if spec is not None and not _same_spec(spec, config.dataset.spec):
+    problems.append(f"dataset {spec!r} (config.dataset.spec={config.dataset.spec!r}; an imported "
+                    "teacher: re-import it with --dataset set to the spec of this run)")
   if problems:
     raise ConfigError(f"The teacher checkpoint {path} does not fit this run: "
                       + "; ".join(problems) + ". Point config.teacher.checkpoint at a matching "
-                      "teacher, fix config.teacher.model, or remove the checkpoint to retrain.")
+                      "teacher, fix config.teacher.model or config.dataset, or remove the "
+                      "checkpoint to retrain.")
+
+
+def _same_spec(a: str, b: str) -> bool:
+  """Whether two data specs name the same data (paths compared made absolute)."""
+  if a == b:
+    return True
+  kind_a, _, rest_a = a.partition(":")
+  kind_b, _, rest_b = b.partition(":")
+  return (kind_a == kind_b and kind_a in ("folder", "idx", "npz")
+          and os.path.abspath(rest_a) == os.path.abspath(rest_b))
 
 
 def _check_synset(synset, config, path) -> None:
@@ -252,6 +270,25 @@ def _check_synset(synset, config, path) -> None:
     raise ConfigError(f"The synthetic set in {path} was made with " + ", ".join(diff)
                       + ": use a new --workdir for this config, or delete the synset/ (and "
                       "eval.json) to make it again.")
+
+
+def _check_finite(synset: checkpoint.SyntheticSet, config, files: RunFiles) -> None:
+  """The last check before the synthetic set is saved: every pixel finite."""
+  # Class by class: a full-size boolean mask of an ImageNet-scale set would be gigabytes.
+  bad = np.asarray([c for c in range(synset.num_classes)
+                    if not np.isfinite(synset.images[c]).all()], np.int64)
+  if not bad.size:
+    return
+  names = ", ".join(f"{c} ({synset.class_names[c]})" for c in bad[:10])
+  more = f" and {bad.size - 10} more" if bad.size > 10 else ""
+  if methods.get_method(config.method).runs_recover:
+    fix = ("recover diverged: lower config.recover.lr or the loss weights (r_bn, r_feat, "
+           f"r_ce), check the teacher, then delete {files.recover_ckpt} and "
+           f"{files.recover_history} and re-run")
+  else:
+    fix = "the real images normalise to non-finite values: check the dataset's mean/std"
+  raise NonFiniteError(f"The synthetic set has NaN/Inf pixels in {bad.size} of "
+                       f"{synset.num_classes} classes: {names}{more}. It was not saved; {fix}.")
 
 
 # ------------------------------------------------------------------------------- stages
@@ -278,7 +315,7 @@ def _teacher_data(dataset, split: str, batch_size: int, seed: int | None):
 
 def _teacher(config, dataset, files, root, timings, log, execution):
   model = get_model(config.teacher.model, dataset.num_classes,
-                    **_plain(config.teacher.model_options))
+                    **config_lib.plain(config.teacher.model_options))
   # teacher.checkpoint: where the teacher is loaded from, or saved to when it is not there yet.
   path = config.teacher.checkpoint or files.teacher
   if os.path.exists(path):
@@ -289,35 +326,46 @@ def _teacher(config, dataset, files, root, timings, log, execution):
   with _Timer(timings, "teacher"):
     tcfg = config_lib.options(config, "teacher")
     # Small splits are loaded once; large ones (ImageNet) are streamed from the data layer.
-    train, steps_per_epoch = _teacher_data(dataset, _split(config, "train"), tcfg.batch_size,
+    train, steps_per_epoch = _teacher_data(dataset, config_lib.split(config, "train"),
+                                           tcfg.batch_size,
                                            tcfg.seed)
-    test, _ = _teacher_data(dataset, _split(config, "test"), tcfg.eval_batch_size, None)
+    test, _ = _teacher_data(dataset, config_lib.split(config, "test"), tcfg.eval_batch_size, None)
     variables = teacher_lib.train_teacher(
         model, train, test, tcfg, mean=dataset.mean, std=dataset.std,
         steps_per_epoch=steps_per_epoch, image_shape=dataset.image_shape,
         metrics_path=files.teacher_metrics if artefacts.is_primary() else None,
-        progress=artefacts.is_primary(), execution=_teacher_execution(execution))
+        progress=artefacts.is_primary(), execution=_teacher_execution(execution),
+        checkpoint_dir=files.teacher_ckpt)
     result = training.evaluate(model, variables, test, mean=dataset.mean, std=dataset.std,
                                execution=_teacher_execution(execution))
     meta = checkpoint.teacher_meta(
         model=config.teacher.model,
-        model_options=_plain(config.teacher.model_options),
+        model_options=config_lib.plain(config.teacher.model_options),
         num_classes=dataset.num_classes, class_names=dataset.class_names,
         image_shape=dataset.image_shape, mean=dataset.mean, std=dataset.std,
         dataset=config.dataset.spec, test_top1=result["top1"], test_top5=result["top5"],
         config=json.loads(config.to_json_best_effort()))
     checkpoint.save_teacher(path, variables, meta)
+    # The teacher is saved whole: its training checkpoints are no longer needed.
+    sharding.sync_processes("teacher_saved")
+    if artefacts.is_primary():
+      shutil.rmtree(files.teacher_ckpt, ignore_errors=True)
   log(f"teacher: trained, test top-1 {meta['test_top1']:.2f}%")
   return model, variables, meta
 
 
-def _statistics(config, dataset, model, variables, files, timings, log, execution):
+def _statistics(config, dataset, model, variables, files, timings, log, execution, ledger):
+  arrays = (files.stats, files.features)
   if os.path.exists(files.stats):
-    st, feats = artefacts.load_statistics(files)
+    recorded = ledger.hashes(*arrays)
+    st, feats = artefacts.load_statistics(files, recorded)  # checked against their sha256
+    ledger.record("statistics")  # a workdir from before fingerprints: accepted, recorded
+    ledger.record_files(*[p for p in arrays if os.path.basename(p) not in recorded])
     log("statistics: loaded")
     return st, feats
+  ledger.record("statistics", drop=arrays)
   batch = config_lib.options(config, "stats").batch_size
-  split = _split(config, "train")
+  split = config_lib.split(config, "train")
   with _Timer(timings, "statistics"):
     if jax.process_count() == 1:
       st, feats = statistics.compute_class_statistics(
@@ -338,14 +386,22 @@ def _statistics(config, dataset, model, variables, files, timings, log, executio
                                   sharding.gather_interleaved(local.labels))
       artefacts.save_features(files.features, feats.features)
     artefacts.save_statistics(files.stats, st, feats.labels)
+  ledger.record_files(*arrays)
   log(f"statistics: {len(st.mean)} BN layers, {int(st.counts.sum())} images")
   return st, feats
 
 
-def _barycenters(config, features, num_classes, ipc, root, files, timings, log, execution):
+def _barycenters(config, features, num_classes, ipc, root, files, timings, log, execution,
+                 ledger):
   if os.path.exists(files.barycenter):
+    recorded = ledger.hashes(files.barycenter)
+    bary = artefacts.load_barycenter(files.barycenter, recorded.get("barycenter.npz"))
+    ledger.record("barycenter")
+    if not recorded:
+      ledger.record_files(files.barycenter)
     log("barycenters: loaded")
-    return artefacts.load_barycenter(files.barycenter)
+    return bary
+  ledger.record("barycenter", drop=(files.barycenter,))
   learn = bool(config.barycenter.learn_weights)
   options = config_lib.options_kwargs(config, "barycenter")  # BarycenterOptions fields
   with _Timer(timings, "barycenter"):
@@ -357,6 +413,7 @@ def _barycenters(config, features, num_classes, ipc, root, files, timings, log, 
         classes_per_batch=config.barycenter.classes_per_batch, execution=execution, **options)
     bary = barycenter_lib.Barycenter(np.asarray(bary.support), np.asarray(bary.weights))
     artefacts.save_barycenter(files.barycenter, bary)
+  ledger.record_files(files.barycenter)
   log(f"barycenters: {num_classes} classes x {ipc} points")
   return bary
 
@@ -395,10 +452,12 @@ def _store_jpeg(config, dataset, images, weights, files, timings, log):
   return images
 
 
-def _synthesize(config, dataset, model, variables, files, root, timings, log, execution):
+def _synthesize(config, dataset, model, variables, files, root, timings, log, execution,
+                ledger):
   if os.path.exists(files.synset):
     synset = checkpoint.load_synthetic_set(files.synset)
     _check_synset(synset, config, files.synset)
+    ledger.record("synset")
     log("synthetic set: loaded")
     return synset, None
   ipc, method = int(config.ipc), methods.get_method(config.method)
@@ -406,8 +465,10 @@ def _synthesize(config, dataset, model, variables, files, root, timings, log, ex
   uniform = np.full((c, ipc), 1.0 / ipc, np.float32)
   history = None
   if not method.runs_recover:
+    ledger.record("synset")
     with _Timer(timings, "select"):
-      images = _random_real(dataset, _split(config, "train"), ipc, stage_key(root, "random"))
+      images = _random_real(dataset, config_lib.split(config, "train"), ipc,
+                            stage_key(root, "random"))
     weights = uniform
   else:
     options = recover_options(config)
@@ -415,11 +476,11 @@ def _synthesize(config, dataset, model, variables, files, root, timings, log, ex
     # SRe2L's running statistics come from the teacher itself.
     if method.needs_statistics(options):
       st, feats = _statistics(config, dataset, model, variables, files, timings, log,
-                              execution)
+                              execution, ledger)
     else:
       st = statistics.ClassStatistics((), (), (), (), np.zeros((c,), np.int64))
     if method.needs_barycenters(options):
-      bary = _barycenters(config, feats, c, ipc, root, files, timings, log, execution)
+      bary = _barycenters(config, feats, c, ipc, root, files, timings, log, execution, ledger)
       support, weights = bary.support, bary.weights
     else:
       support, weights = np.zeros((c, ipc, 1), np.float32), uniform
@@ -431,9 +492,10 @@ def _synthesize(config, dataset, model, variables, files, root, timings, log, ex
                                          st.global_var, running_mean, running_var)
     initial = None
     if options.init == "real":
-      initial = _random_real(dataset, _split(config, "train"), ipc,
+      initial = _random_real(dataset, config_lib.split(config, "train"), ipc,
                              stage_key(root, "recover_init"))
     budget = int(config.parallel.memory_budget_bytes)
+    ledger.record("synset")  # before recover_ckpt/ is written: a resumed recover is checked too
     # Sharded states are saved shard by shard, without gathering them on one host.
     with _Timer(timings, "recover"), checkpoint.RecoverCheckpointer(
         files.recover_ckpt, save_every=int(config.recover.checkpoint_every),
@@ -454,17 +516,20 @@ def _synthesize(config, dataset, model, variables, files, root, timings, log, ex
                                   "dataset": config.dataset.spec,
                                   "objective": config.recover.objective,
                                   "store": config.recover.store})
+  _check_finite(synset, config, files)
   checkpoint.save_synthetic_set(files.synset, synset)
   return synset, history
 
 
 def _evaluate(config, dataset, teacher_model, teacher_vars, synset, files, root, timings, log,
-              execution):
+              execution, ledger):
   result = artefacts.load_eval(files.eval)
   if result is not None:
+    ledger.record("evaluate")
     log("evaluation: loaded")
     return result
-  student_name, student_opts = _student(config)
+  ledger.record("evaluate")
+  student_name, student_opts = config_lib.student(config)
   student = get_model(student_name, dataset.num_classes, **student_opts)
   # One set of progress bars with several processes: process 0's.
   options = config_lib.options(config, "eval",
@@ -478,7 +543,7 @@ def _evaluate(config, dataset, teacher_model, teacher_vars, synset, files, root,
   with _Timer(timings, "evaluate"):
     result = evaluate_lib.train_student(
         student, teacher_model, teacher_vars, images, weights,
-        dataset.load_split(_split(config, "test")),
+        dataset.load_split(config_lib.split(config, "test")),
         mean=dataset.mean, std=dataset.std, options=options, key=stage_key(root, "student"),
         execution=execution)
   out = {"test_top1": float(result.top1), "test_top5": float(result.top5),
@@ -494,22 +559,24 @@ def _evaluate(config, dataset, teacher_model, teacher_vars, synset, files, root,
 # ------------------------------------------------------------------------------- the run
 
 
-def _report(config, dataset, files, result, history, meta, timings, log) -> dict[str, Any]:
-  """metrics.json, curves.png and summary.txt of a finished run; returns the metrics."""
+def _report(config, dataset, files, result, history, meta, timings, log, *,
+            write: bool = True) -> dict[str, Any]:
+  """metrics.json, curves.png and summary.txt of a finished run (``write=False``: none, e.g. on
+  read-only storage); returns the metrics."""
   if history is None:
     history = artefacts.load_recover_history(files.recover_history)
   panels = []
-  if history is not None:
+  if history is not None and "loss" in history:
     steps = np.arange(1, len(history["loss"]) + 1)
     panels.append(("recover loss (official: per chunk) and terms (per class)",
                    {k: (steps, history[k]) for k in ("loss", "feature", "bn", "ce")
-                    if np.nanmax(np.abs(history[k]), initial=0) > 0}))
+                    if k in history and np.nanmax(np.abs(history[k]), initial=0) > 0}))
   hist = result.get("history", [])
   if hist:
     panels.append(("student test top-1 (%)", {"top1": ([h["epoch"] for h in hist],
                                                       [h["top1"] for h in hist])}))
-  if panels and artefacts.is_primary():
-    report.save_curves(files.curves, panels)
+  if panels and write:
+    artefacts.save_curves(files.curves, panels)
   metrics = {
       "dataset": config.dataset.spec, "method": config.method, "ipc": int(config.ipc),
       "num_classes": dataset.num_classes, "seed": int(config.seed),
@@ -518,14 +585,70 @@ def _report(config, dataset, files, result, history, meta, timings, log) -> dict
       "teacher_top1": meta.get("test_top1"), "student": result.get("student"),
       "seconds": timings, "backend": jax.default_backend(), "devices": jax.device_count(),
   }
-  artefacts.write_metrics(files.metrics, metrics)
   summary = (f"{config.method} on {config.dataset.spec}, IPC {config.ipc}, seed {config.seed}: "
              f"student test top-1 {metrics['test_top1']:.2f}% (best {metrics['best_top1']:.2f}%),"
              f" top-5 {metrics['test_top5']:.2f}%; teacher {metrics['teacher_top1']}%.\n"
              f"seconds per stage: {json.dumps(timings)}\nfiles: {files.workdir}\n")
-  artefacts.write_text(files.summary, summary)
+  if write:
+    artefacts.write_metrics(files.metrics, metrics)
+    artefacts.write_text(files.summary, summary)
   log(summary.strip())
   return metrics
+
+
+def _unfinished(config, files: RunFiles, stop_after: str) -> list[str]:
+  """The stages up to ``stop_after`` whose results are not in the workdir yet."""
+  needed = [("teacher", config.teacher.checkpoint or files.teacher)]
+  if stop_after != "teacher":
+    needed.append(("synset", files.synset))
+  if stop_after == "evaluate":
+    needed.append(("evaluate", files.eval))
+  return [stage for stage, path in needed if not os.path.exists(path)]
+
+
+@contextlib.contextmanager
+def _open_workdir(config, dataset, files: RunFiles, stop_after: str, log
+                  ) -> Iterator[fingerprints.Ledger]:
+  """The workdir, ready for the stages: created, locked (one run at a time; process 0 with
+  several processes), rid of a killed run's temporaries, its saved results checked against
+  this config, then config.json written. On read-only storage with every stage done: none of
+  that is written, the results are read.
+
+  Raises:
+    WorkdirError: the path is a file, cannot be created, is not writable with stages to run,
+      or is locked by another run (WorkdirBusyError).
+    ConfigError: saved results computed with other settings (see
+      :class:`wmdd_jax.fingerprints.Ledger`).
+  """
+  writable = artefacts.prepare_workdir(files.workdir)
+  if not writable:
+    missing = _unfinished(config, files, stop_after)
+    if missing:
+      raise WorkdirError(
+          f"The workdir {files.workdir} is not writable, and the {', '.join(missing)} stage(s) "
+          "still have results to write there; make it writable or use another --workdir.")
+    log(f"{files.workdir} is read-only and every stage is done: reading its results (nothing "
+        "is written)")
+  lock = None
+  if writable and artefacts.is_primary():  # several processes share the workdir by design
+    lock = artefacts.WorkdirLock(files.lock, log=log)
+    lock.acquire()
+  try:
+    if lock is not None:
+      artefacts.remove_temporary(files.workdir, log)
+    ledger = fingerprints.Ledger(files, writable)
+    ledger.check(config, dataset)  # before config.json, which then describes the results
+    if writable:
+      artefacts.write_config(files.config, config)
+    yield ledger
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+# OSErrors of writers outside artefacts.py (Orbax, the statistics memmap) that mean "the workdir
+# cannot take this write": reported as a WorkdirError naming the path.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def run(config: Any, workdir: str, *, log=print, evaluate: bool = True,
@@ -537,15 +660,24 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True,
   (``experiments/recover.py``); with ``stop_after="teacher"`` after the teacher, returning
   ``{"teacher": path, "teacher_top1", "teacher_top5", "seconds"}`` (``experiments/pretrain.py``).
 
+  A rerun loads every finished stage, after checking it was computed with this config's
+  settings (``fingerprints.json``, see the module docstring); a stage computed with others is
+  refused, never silently reused.
+
   Several processes (``WMDD_COORDINATOR``/``WMDD_NUM_PROCESSES``/``WMDD_PROCESS_ID``, see
   :func:`wmdd_jax.distributed.initialize_distributed`) each call ``run`` with the same config
   and a ``workdir`` they all see (a shared file system). Every process computes every stage over one
   mesh of all devices, reading its own shard of the statistics pass; process 0 writes the files
-  and logs, the others wait for them; Orbax checkpoints are written collectively.
+  and logs (and holds the workdir's lock), the others wait for them; Orbax checkpoints are
+  written collectively.
 
   Raises:
     ConfigError: an unknown field or method, a bad option, mesh mode or units value (units > 0
-      with several processes); all before any stage runs.
+      with several processes), or saved results computed with other settings; all before any
+      stage runs.
+    WorkdirError: a workdir that is a file, not writable, full, or in use by another run.
+    CheckpointError: a damaged file of a finished stage (names it and the fix).
+    NonFiniteError: a synthetic set with NaN/Inf pixels (not saved).
   """
   if stop_after not in (None, *STAGES):
     raise ConfigError(f"stop_after={stop_after!r} is not one of {STAGES} (or None: every stage).")
@@ -559,35 +691,64 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True,
     log = lambda *args, **kwargs: None  # noqa: E731 - one progress log, from process 0
   run_execution = execution(config)  # a bad device option fails here, before any stage runs
   files = RunFiles(os.path.abspath(workdir))
-  os.makedirs(files.workdir, exist_ok=True)
-  artefacts.write_config(files.config, config)
-  timings = artefacts.read_timings(files.timings)
+  dataset = open_dataset(config.dataset.spec, **config_lib.plain(config.dataset.options))
+  validate(config, dataset)  # every option, before the workdir is touched
+  with _open_workdir(config, dataset, files, stop_after, log) as ledger:
+    try:
+      return _stages(config, dataset, files, ledger, stop_after, log, run_execution)
+    except WMDDError:
+      raise
+    except OSError as e:
+      if e.errno not in _WRITE_ERRNOS:
+        raise
+      raise WorkdirError(artefacts.write_failure(e.filename or files.workdir, e)) from e
+    except Exception as e:
+      # Orbax/TensorStore report a full disk as e.g. ValueError("RESOURCE_EXHAUSTED: Failed
+      # writing ...: No space left on device").
+      if "No space left on device" not in str(e):
+        raise
+      raise WorkdirError(
+          f"A write under {files.workdir} failed: the disk is full ({type(e).__name__}: "
+          f"{str(e)[:300]}); free disk space (or use a --workdir on another disk), then re-run: "
+          "finished stages are kept.") from e
+
+
+def _stages(config, dataset, files: RunFiles, ledger: fingerprints.Ledger, stop_after: str, log,
+            run_execution: Execution) -> dict[str, Any]:
+  """The stages of :func:`run`, in an open workdir."""
+  write = ledger.writable
+  timings = artefacts.read_timings(files.timings, log)
   root = jax.random.key(int(config.seed))
-  dataset = open_dataset(config.dataset.spec, **_plain(config.dataset.options))
-  validate(config, dataset)
+
+  def save_timings():
+    if write:
+      artefacts.write_timings(files.timings, timings)
+
   try:
     model, variables, meta = _teacher(config, dataset, files, root, timings, log,
                                       run_execution)
-    artefacts.write_timings(files.timings, timings)
+    fingerprints.after_teacher(config, dataset, files, ledger, variables)
+    save_timings()
     if stop_after == "teacher":
       return {"teacher": config.teacher.checkpoint or files.teacher,
               "teacher_top1": meta.get("test_top1"), "teacher_top5": meta.get("test_top5"),
               "seconds": timings}
     variables = jax.device_put(variables)
     synset, history = _synthesize(config, dataset, model, variables, files, root, timings, log,
-                                  run_execution)
-    artefacts.write_timings(files.timings, timings)
+                                  run_execution, ledger)
+    save_timings()
     mean, std = np.asarray(synset.mean), np.asarray(synset.std)
-    if artefacts.is_primary():
-      report.save_grid(files.grid, synset.images * std + mean)
+    if write:
+      artefacts.save_grid(files.grid, synset.images * std + mean)
     if stop_after == "synset":
       log(f"synthetic set: {files.synset}, grid: {files.grid}")
       return {"synset": files.synset, "seconds": timings}
     result = _evaluate(config, dataset, model, variables, synset, files, root, timings, log,
-                       run_execution)
+                       run_execution, ledger)
   finally:
-    artefacts.write_timings(files.timings, timings)
-  return _report(config, dataset, files, result, history, meta, timings, log)
+    with contextlib.suppress(WorkdirError):  # bookkeeping: never hides the error under way
+      save_timings()
+  return _report(config, dataset, files, result, history, meta, timings, log, write=write)
 
 
 # METHODS and METHOD_SETTINGS come from the module __getattr__ (the live registry).

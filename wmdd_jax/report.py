@@ -19,10 +19,17 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
   """Writes JSON atomically (temporary file + rename), so a killed run never leaves half a file."""
   path = os.fspath(path)
   tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2, sort_keys=True, default=_jsonable)
-    f.write("\n")
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(data, f, indent=2, sort_keys=True, default=_jsonable)
+      f.write("\n")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):  # a failed write (full disk, ...) leaves no temporary behind
+      try:
+        os.remove(tmp)
+      except OSError:
+        pass
 
 
 def _jsonable(value: Any) -> Any:
