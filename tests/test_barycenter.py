@@ -64,6 +64,43 @@ def test_w2_within_one_percent_of_pot(kind, seed):
   assert ours_w2 <= 1.01 * pot_w2, (ours_w2, pot_w2)
 
 
+def _unequal_clusters(seed: int) -> tuple[np.ndarray, int]:
+  """A post-ReLU cloud of 2-5 well-separated clusters of unequal sizes, and its k (5 or 10).
+
+  The family on which one k-means++ start of the balanced iteration can end several percent
+  above POT's optimum. n lies in [900, 1024] and d in {32, 64}, so the 20 clouds share four
+  compilations.
+  """
+  rng = np.random.default_rng(seed)
+  n, d, k = int(rng.integers(900, 1025)), int(rng.choice([32, 64])), int(rng.choice([5, 10]))
+  m = int(rng.integers(2, 6))
+  centers = 3.0 * rng.normal(size=(m, d))
+  which = rng.choice(m, n, p=rng.dirichlet(np.ones(m)))
+  return np.maximum(centers[which] + rng.normal(size=(n, d)), 0.0).astype(np.float32), k
+
+
+def test_default_close_to_pot_on_unequal_clusters():
+  # The default (4 vmapped starts) against POT's exact LP barycenter from k random data points,
+  # on 20 seeded clouds (seeds apart from bench/barycenter.py's): within 1% of POT's exact W2^2
+  # on every cloud and 0.3% on the median (measured: at most 0.2% above POT). One start
+  # (num_inits=1, the old default) fails this: 14.5% above POT on seed 2007, 1.9% on 2013. Learned
+  # weights are never worse than uniform ones.
+  ratios, learned_ratios = [], []
+  for seed in range(2000, 2020):
+    points, k = _unequal_clusters(seed)
+    key = jax.random.key(seed)
+    init = points[np.random.default_rng(seed).choice(len(points), k, replace=False)]
+    pot = _pot_barycenter_w2(points, init)
+    ours = free_support_barycenter(points, k, key)
+    learned = free_support_barycenter(points, k, key, learn_weights=True)
+    ratios.append(_exact_w2(*ours, points) / pot)
+    learned_ratios.append(_exact_w2(*learned, points) / pot)
+  ratios = np.asarray(ratios)
+  assert ratios.max() <= 1.01, ratios
+  assert np.median(ratios) <= 1.003, ratios
+  assert np.all(np.asarray(learned_ratios) <= ratios * (1 + 1e-6)), (learned_ratios, ratios)
+
+
 def test_learned_weights_beat_uniform_weights(key):
   points = _cloud("clustered", 4)
   uniform = free_support_barycenter(points, K, key)
@@ -123,15 +160,19 @@ def test_class_barycenters_match_per_class_calls(key, rng, learn):
   # All four classes in one vmapped program.
   bary = class_barycenters(features, labels, 4, K, key, learn_weights=learn, classes_per_batch=4)
   assert bary.support.shape == (4, K, D) and bary.weights.shape == (4, K)
+  one_by_one = class_barycenters(features, labels, 4, K, key, learn_weights=learn)
   for c in range(4):
     one = free_support_barycenter(
         features[labels == c], K, jax.random.fold_in(key, c), learn_weights=learn
     )
-    np.testing.assert_allclose(bary.support[c], one.support, atol=1e-4)
-    np.testing.assert_allclose(bary.weights[c], one.weights, atol=1e-6)
-  if not learn:  # The CPU default, one class at a time, gives the same result.
-    one_by_one = class_barycenters(features, labels, 4, K, key)
-    np.testing.assert_allclose(one_by_one.support, bary.support, atol=1e-4)
+    # The CPU default (one class at a time, the per-class program) gives the same result.
+    np.testing.assert_allclose(one_by_one.support[c], one.support, atol=1e-4)
+    np.testing.assert_allclose(one_by_one.weights[c], one.weights, atol=1e-6)
+    # Vmapped over classes, round-off can tip a near-tie of the balanced iteration into another
+    # local optimum of one of the 4 starts, so the vmapped result matches in W2^2.
+    points = features[labels == c]
+    np.testing.assert_allclose(_exact_w2(bary.support[c], bary.weights[c], points),
+                               _exact_w2(*one, points), rtol=5e-3)
 
 
 def test_edge_sizes(key):
