@@ -24,22 +24,15 @@ from wmdd_jax import artefacts, methods
 from wmdd_jax import config as config_lib
 from wmdd_jax.artefacts import RunFiles
 from wmdd_jax.errors import ConfigError, WMDDError
+from wmdd_jax.report import jsonable
 
 # The stages with a record in fingerprints.json, in run order (later ones read earlier ones).
 FINGERPRINT_STAGES = ("teacher", "statistics", "barycenter", "synset", "evaluate")
 
 
-def _jsonable(value: Any) -> Any:
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  return str(value)
-
-
 def _canonical(value: Any) -> Any:
   """``value`` as it reads back from JSON (tuples as lists, numpy scalars as numbers)."""
-  return json.loads(json.dumps(value, sort_keys=True, default=_jsonable))
+  return json.loads(json.dumps(value, sort_keys=True, default=jsonable))
 
 
 def _record(fields: dict[str, Any], inputs: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
     with open(tmp, "w") as f:
-      json.dump(data, f, indent=2, sort_keys=True, default=_jsonable)
+      json.dump(data, f, indent=2, sort_keys=True, default=jsonable)
       f.write("\n")
     os.replace(tmp, path)
   finally:
@@ -32,7 +32,8 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
         pass
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+  """``json.dump``'s ``default``: numpy scalars as numbers, arrays as lists, the rest as str."""
   if isinstance(value, np.generic):
     return value.item()
   if isinstance(value, np.ndarray):
