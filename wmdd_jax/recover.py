@@ -756,7 +756,7 @@ def start_chunk(
   else:
     begin = place.jit(init_images, c, static_argnums=(2, 3))(init_key, ids, ipc,
                                                              tuple(image_shape))
-  state = place.jit(lambda x: init_state(x, options), c)(begin)
+  state = place.jit(init_state, c, static_argnums=(1,))(begin, options)
   host = jax.tree.map(np.asarray, targets)
   chunk_targets = RecoverTargets(
       features=place.split(host.features[class_ids]),

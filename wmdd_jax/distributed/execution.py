@@ -22,6 +22,7 @@ split outputs back. :func:`make_execution` builds the one a config asks for.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -533,7 +534,7 @@ class Placement:
     """``fn`` jitted with the chunk's layout for its outputs (class-axis leaves of ``size``
     split, the rest whole); its inputs decide the device."""
     del size
-    return jax.jit(fn, **jit_kwargs)
+    return _placed_jit(fn, None, None, tuple(sorted(jit_kwargs.items())))
 
 
 class _ShardedPlacement(Placement):
@@ -548,7 +549,17 @@ class _ShardedPlacement(Placement):
     return sharding.replicate(tree, self.ex.mesh)
 
   def jit(self, fn, size, **jit_kwargs):
-    return jax.jit(lambda *a: self.ex.constrain_classes(fn(*a), size), **jit_kwargs)
+    return _placed_jit(fn, size, self.ex, tuple(sorted(jit_kwargs.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _placed_jit(fn: Callable, size: int | None, execution: Execution | None,
+                jit_kwargs: tuple) -> Callable:
+  """One jitted program per (function, chunk size, execution): chunks of one shape reuse it
+  instead of compiling again (``fn`` must be a stable, hashable function, not a fresh lambda)."""
+  if execution is None:
+    return jax.jit(fn, **dict(jit_kwargs))
+  return jax.jit(lambda *a: execution.constrain_classes(fn(*a), size), **dict(jit_kwargs))
 
 
 def _leading(inputs) -> int:
