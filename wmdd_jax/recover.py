@@ -87,7 +87,7 @@ LAYOUTS = ("class", "slot")
 
 @dataclasses.dataclass(frozen=True)
 class RecoverOptions:
-  """Hyperparameters of the recover stage (DESIGN section 1 defaults).
+  """Hyperparameters of the recover stage (defaults: docs/method.md, section 3).
 
   Attributes:
     iterations: optimisation steps per chunk.

@@ -1,6 +1,6 @@
 """Relabel (stage 5, the method): the student's views, the teacher's soft labels, the KD loss.
 
-The paper's protocol (DESIGN section 1, "Relabel + evaluate"), as pure jitted pieces plus a loop:
+The paper's protocol (docs/method.md, section 4), as pure jitted pieces plus a loop:
 
 * :func:`make_views`: per-image RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) back to H x W and
   a horizontal flip (``jax.vmap`` over images), then CutMix: lambda ~ Beta(1, 1), ONE box for the

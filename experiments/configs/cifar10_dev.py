@@ -12,7 +12,7 @@ not CIFAR-10's test split). Tune on a held-out part of the train arrays
 
 Teacher: ConvNet-D3 (width 128, the DD literature's network), 20 epochs, batch 128, SGD lr 0.05
 cosine, weight decay 5e-4, pad-4 crop + flip: a CPU-sized teacher (~10 min on 2 cores).
-Recover and student: the DESIGN / official defaults (objective "official", Adam 0.25, crops
+Recover and student: the docs/method.md / official defaults (objective "official", Adam 0.25, crops
 0.08-1, student AdamW 1e-3, T 20, 300 epochs) except r_bn = 1 (ConvNet-D3 has 3 BN layers,
 as on digits / Fashion-MNIST; not tuned here) and 1000 recover iterations. Runtime on 2 CPU cores:
 about 10 min per IPC-10 cell. Nothing in this config was tuned on x_test.

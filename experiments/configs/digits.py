@@ -9,8 +9,8 @@ Teacher only:
 Debug variant (seconds, same code paths): add ``--config.debug=True``.
 
 Teacher: ConvNet-D3 (width 64; 8x8 -> 1x1, 64 features), 30 epochs of SGD, ~10 s on 2 CPU cores,
-~98% test top-1. Recover: 1000 steps, r_bn 1 (tuned by hand on this set; the DESIGN default 10 is
-for ResNet-18's 20 BN layers), milder crops than ImageNet's 0.08 because 8 px images have no room.
+~98% test top-1. Recover: 1000 steps, r_bn 1 (tuned by hand on this set; docs/method.md's default
+10 is for ResNet-18's 20 BN layers), milder crops than ImageNet's 0.08: 8 px images have no room.
 Expected student test top-1 at IPC 10 (seed 0, measured on the 2-core CPU, ~50 s for both
 methods): wmdd ~85%, random real images ~74%.
 """

@@ -30,7 +30,7 @@ def get_config():
   # pad-2 crops.
   c.teacher.epochs = 20
   c.teacher.crop_padding = 2
-  # Recover and evaluation: DESIGN defaults (2000 steps, Adam 0.25, crops 0.08-1, 300 student
+  # Recover, evaluation: docs/method.md defaults (2000 steps, Adam 0.25, crops 0.08-1, 300 student
   # epochs) except r_bn, carried over from digits (3 BN layers, not ResNet-18's 20); not tuned
   # on Fashion-MNIST yet (tune with `python -m bench.sweep --val_fraction=0.1 ...`).
   c.recover.r_bn = 1.0

@@ -66,7 +66,7 @@ def get_config():
 
   # ---- recover: run.sh:104-123 -> recover/data_synthesis_new.py (-n: per-class BN, -w: WB).
   c.barycenter.learn_weights = False  # run.sh:122 --weight-wb false: uniform weights
-  c.recover.objective = "official"    # data_synthesis_new.py:82-178: the chunk loss (DESIGN s.1)
+  c.recover.objective = "official"    # data_synthesis_new.py:82-178: chunk loss, docs/method.md s.3
   c.recover.batch_size = 100          # run.sh:112 --batch-size 100: min(100 // IPC, C) classes/step
   c.recover.iterations = 2000         # run.sh:10 ITERATION=2000 -> --iteration (:114)
   c.recover.lr = 0.25                 # run.sh:64 LR default 0.25 (non-tiny) -> --lr (:113)
