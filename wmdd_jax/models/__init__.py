@@ -15,6 +15,9 @@ Names and options:
 
 ``dtype`` may be None (float32), a string such as "bfloat16", or a jnp dtype; it is the compute
 dtype only (parameters and outputs stay float32).
+
+Your own Flax classifier: ``adapt(module, features=...)`` (:mod:`wmdd_jax.models.adapter`) gives
+it this contract, plain ``nn.BatchNorm`` layers included, so it can be a teacher or a student.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from wmdd_jax.errors import ConfigError
+from wmdd_jax.models.adapter import Adapted, adapt, module_paths
 from wmdd_jax.models.base import (
     BN_COLLECTION,
     CapturingBatchNorm,
@@ -38,6 +42,7 @@ from wmdd_jax.models.convnet import ConvNet
 from wmdd_jax.models.resnet import RESNET_LAYOUTS, STEMS, BasicBlock, Bottleneck, ResNet
 
 __all__ = [
+    "Adapted",
     "BN_COLLECTION",
     "BasicBlock",
     "Bottleneck",
@@ -46,11 +51,13 @@ __all__ = [
     "ModelOutput",
     "ResNet",
     "STEMS",
+    "adapt",
     "apply_model",
     "bn_layer_paths",
     "get_model",
     "init_model",
     "list_models",
+    "module_paths",
     "pool_moments",
 ]
 
