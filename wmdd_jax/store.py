@@ -17,7 +17,8 @@ The relabel (``relabel/generate_soft_label.py:194-214``) and the student
 std`` in float32). So the student never sees the recovered floats: it sees the decoded JPEG,
 renormalised. :func:`jpeg_roundtrip` reproduces exactly that; :func:`write_image_folder` writes
 the same bytes in the official layout, so the official ``train_FKD.py`` can consume our sets, and
-:func:`read_image_folder` reads such a folder back.
+:func:`read_image_folder` reads such a folder back. :func:`export_for_pytorch` writes a set with
+its labels, weights and stored soft labels in files any PyTorch script loads.
 
 All functions are pure numpy/PIL and run on the host; images are channels last.
 """
@@ -25,6 +26,7 @@ All functions are pure numpy/PIL and run on the host; images are channels last.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -436,3 +438,128 @@ def read_sample_weights(root: str | os.PathLike) -> np.ndarray | None:
   if not os.path.isfile(path):
     return None
   return np.loadtxt(path, dtype=np.float64, ndmin=2).astype(np.float32)
+
+
+# --- An export for PyTorch (and any other) users ------------------------------------------------
+
+EXPORT_FORMAT = "wmdd_jax.export/1"
+
+_EXPORT_README = """A synthetic set exported by wmdd_jax (format {fmt}).
+
+images/<label>_<class>/<i>.png  the images, u8 pixels (PNG, lossless), class-major
+labels.json                     class_names, mean/std (pixel scale [0, 1]), and per image:
+                                file, label, weight (barycenter weight), index (row in synset.npz)
+synset.npz                      images_u8 u8[N, H, W, ch], images f32[N, H, W, ch] (normalised, as
+                                evaluated), labels i32[N], weights f32[N]
+{soft}
+PyTorch:
+
+    import json, numpy as np, torch
+    meta = json.load(open("labels.json"))
+    data = np.load("synset.npz")
+    x = torch.from_numpy(data["images"]).permute(0, 3, 1, 2)   # N, ch, H, W; normalised
+    y = torch.from_numpy(data["labels"]).long()
+    # or torchvision.datasets.ImageFolder("images") with
+    # Normalize(meta["mean"], meta["std"]): folder order is label order.
+"""
+
+_SOFT_README = """\
+soft_labels_seed<s>.npz         the teacher's logits on every student view of a run
+                                (wmdd_jax.protocol, format wmdd_jax.soft_labels/1): per epoch and
+                                row the image index, its crop box (y0, x0, h, w) resized back,
+                                flip, CutMix partner row, the batch's CutMix box and lambda, and
+                                logits f16[E, N, C]; apply the same crops, flips and CutMix
+                                (torchvision resized_crop(..., antialias=True)) to train on them.
+"""
+
+
+def export_for_pytorch(
+    root: str | os.PathLike,
+    images: Any,
+    labels: Any,
+    class_names: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    weights: Any = None,
+    soft_labels: Sequence[str | os.PathLike] = (),
+    overwrite: bool = False,
+) -> str:
+  """Writes a set that PyTorch (or anything reading PNG/JSON/npz) loads without wmdd_jax.
+
+  Layout: see the ``README.txt`` it writes (images as PNG class folders whose sorted order is
+  label order, ``labels.json``, ``synset.npz`` with the exact normalised floats, and copies of
+  stored soft-label files). Written to a temporary sibling and renamed into place.
+
+  Args:
+    root: the directory to create.
+    images: f32[N, H, W, ch] (or [C, k, H, W, ch]) normalised images.
+    labels: i[N] (or [C, k]) class indices.
+    class_names: the C class names.
+    mean, std: the normalisation (pixel scale [0, 1]).
+    weights: f32[N] sample (barycenter) weights; None: ones.
+    soft_labels: ``.npz`` files from :func:`wmdd_jax.protocol.save_soft_labels` to include.
+    overwrite: replace an existing ``root``.
+
+  Returns:
+    The absolute path of ``root``.
+
+  Raises:
+    ShapeError: images, labels and weights that do not match.
+    ConfigError: ``root`` exists without ``overwrite``.
+  """
+  from PIL import Image  # noqa: PLC0415 - host-only dependency
+
+  root = os.path.abspath(os.fspath(root))
+  x = np.asarray(images, np.float32)
+  x = x.reshape(-1, *x.shape[-3:]) if x.ndim >= 4 else x
+  y = np.asarray(labels, np.int64).reshape(-1)
+  if x.ndim != 4 or len(y) != len(x):
+    raise ShapeError(f"export_for_pytorch needs images f32[N, H, W, ch] and N labels, got "
+                     f"{x.shape} and {y.shape}.")
+  _check_channels(x.shape[-1], "export_for_pytorch")
+  if y.size and (y.min() < 0 or y.max() >= len(class_names)):
+    raise ShapeError(f"labels must be in [0, {len(class_names)}), got {y.min()}..{y.max()}.")
+  w = np.ones(len(x), np.float32) if weights is None else np.asarray(weights,
+                                                                      np.float32).reshape(-1)
+  if w.shape != y.shape:
+    raise ShapeError(f"{w.size} weights for {len(y)} images; pass one weight per image.")
+  if os.path.exists(root) and not overwrite:
+    raise ConfigError(f"{root} exists; pass overwrite=True to replace it or choose a new path.")
+  m, s = _constants(mean, std, x.shape[-1])
+  pixels = np.clip(np.rint((x * s + m) * 255.0), 0, 255).astype(np.uint8)
+  parent = os.path.dirname(root)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
+  try:
+    files = []
+    for i, (img, label) in enumerate(zip(pixels, y)):
+      name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in class_names[label])
+      rel = os.path.join("images", f"{label:04d}_{name}", f"{i:05d}.png")
+      os.makedirs(os.path.join(tmp, os.path.dirname(rel)), exist_ok=True)
+      Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(os.path.join(tmp, rel))
+      files.append({"file": rel, "label": int(label), "weight": float(w[i]), "index": i})
+    copied = []
+    for path in soft_labels:
+      shutil.copyfile(os.fspath(path), os.path.join(tmp, os.path.basename(os.fspath(path))))
+      copied.append(os.path.basename(os.fspath(path)))
+    meta = {"format": EXPORT_FORMAT, "class_names": list(class_names),
+            "mean": m.tolist(), "std": s.tolist(), "image_shape": list(x.shape[1:]),
+            "soft_labels": copied, "files": files}
+    with open(os.path.join(tmp, "labels.json"), "w") as f:
+      json.dump(meta, f, indent=1)
+    np.savez_compressed(os.path.join(tmp, "synset.npz"), images_u8=pixels, images=x,
+                        labels=y.astype(np.int32), weights=w)
+    with open(os.path.join(tmp, "README.txt"), "w") as f:
+      f.write(_EXPORT_README.format(fmt=EXPORT_FORMAT, soft=_SOFT_README if copied else ""))
+    if os.path.exists(root):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.old-", dir=parent)
+      os.rename(root, os.path.join(old, "x"))
+      os.rename(tmp, root)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, root)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return root

@@ -310,3 +310,100 @@ register_source(
         open=lambda spec, arg, seed, **own: FolderSource(spec, arg, **own),
     )
 )
+
+
+# --- Synthetic sets stored as class folders ---------------------------------------------------
+
+
+def read_class_folders(
+    root: str,
+    class_names: list[str],
+    *,
+    image_shape: tuple[int, int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+  """Reads a synthetic set stored as one folder of PNG/JPEG images per class.
+
+  What the official WMDD / SRe2L code writes (``root/new000/class000_id000.jpg`` ...), what
+  :func:`wmdd_jax.checkpoint.export_image_folder` writes (``root/train/0000_<name>/...``), or
+  any torchvision ImageFolder (``root/<class>/<image>``). No ``classes.json`` is needed: the
+  class of each folder comes from the real dataset, by rule, in this order:
+
+  1. every folder name is one of ``class_names``: by name;
+  2. no folder name is a class name and there are exactly ``len(class_names)`` folders: sorted
+     folder order is class order (torchvision ImageFolder's rule, and what the official
+     ``new{c:03d}`` names encode).
+
+  A mix (some folders named after classes, some not) is refused rather than guessed.
+
+  A ``root`` holding only a ``train`` folder is read from ``root/train``. Images are read
+  directly inside each class folder, in name order.
+
+  Args:
+    root: the set's directory.
+    class_names: the real dataset's class names, in label order.
+    image_shape: (H, W, ch) every image must have (the dataset's); ch 1 reads greyscale, 3 RGB.
+      None: from the first image.
+
+  Returns:
+    (u8[N, H, W, ch] images in (class, file name) order, i32[N] labels, {folder: class name}).
+
+  Raises:
+    DatasetNotFoundError: no such directory, or no class folders in it.
+    DataError: folders that match no rule, empty folders, unreadable or mis-sized images.
+  """
+  root = os.path.expanduser(os.fspath(root))
+  if not os.path.isdir(root):
+    raise DatasetNotFoundError(f"No synthetic image folder at {root}; pass the directory holding "
+                               "one folder of images per class.")
+  folders = _subdirs(root)
+  if folders == ["train"] and not _has_images(os.path.join(root, "train")):
+    root = os.path.join(root, "train")
+    folders = _subdirs(root)
+  if not folders:
+    raise DatasetNotFoundError(f"{root} holds no class folders; expected <root>/<class>/<image> "
+                               "(e.g. the official new000/class000_id000.jpg).")
+  index = {name: i for i, name in enumerate(class_names)}
+  named = [f for f in folders if f in index]
+  if len(named) == len(folders):
+    labels_of = {f: index[f] for f in folders}
+  elif named:
+    raise DataError(
+        f"{root} has class folders named after classes ({', '.join(named[:3])}) and others "
+        f"that are not ({', '.join(sorted(set(folders) - set(named))[:3])}); the dataset's "
+        f"class names are not its class names of every folder: rename or remove those folders.")
+  elif len(folders) == len(class_names):
+    labels_of = {f: i for i, f in enumerate(sorted(folders))}
+  else:
+    raise DataError(
+        f"{root} has {len(folders)} class folders ({', '.join(folders[:5])}"
+        f"{', ...' if len(folders) > 5 else ''}) but the dataset has {len(class_names)} classes "
+        "and the folder names are not its class names; name the folders after the classes "
+        f"({', '.join(class_names[:3])}, ...) or keep one folder per class in label order.")
+  images, labels = [], []
+  mode = None if image_shape is None else ("L" if image_shape[-1] == 1 else "RGB")
+  for folder in sorted(folders, key=lambda f: labels_of[f]):
+    path = os.path.join(root, folder)
+    files = [e.path for e in _scan(path) if not _is_dir(e) and _is_image_name(e.name)]
+    if not files:
+      raise DataError(f"class folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                      "add its images or remove the folder.")
+    for file in files:
+      try:
+        with Image.open(file) as im:
+          if mode is None:
+            mode = "L" if im.mode in _GREY_MODES else "RGB"
+          array = np.asarray(im.convert(mode))
+      except Exception as e:  # PIL raises many kinds on damaged files
+        raise DataError(f"cannot decode image {file}: {type(e).__name__}: {e}; replace or "
+                        "delete the file.") from e
+      array = array[..., None] if array.ndim == 2 else array
+      want = tuple(image_shape) if image_shape is not None else images[0].shape if images \
+          else array.shape
+      if array.shape != tuple(want):
+        raise DataError(f"image {file} is {array.shape[1]}x{array.shape[0]}x{array.shape[2]}, "
+                        f"but the set's images are {want[1]}x{want[0]}x{want[2]}: store the set "
+                        "at the dataset's resolution (resize it before evaluating).")
+      images.append(array)
+      labels.append(labels_of[folder])
+  mapping = {f: class_names[labels_of[f]] for f in sorted(folders, key=lambda f: labels_of[f])}
+  return np.stack(images), np.asarray(labels, np.int32), mapping
