@@ -20,7 +20,10 @@ matter more than speed, pass ``units=N`` to the stages (``config.parallel.units`
 :mod:`wmdd_jax.distributed.units`.
 
 Several processes (hosts, or several processes on one machine): call :func:`initialize_distributed`
-before anything else touches JAX. It reads, in this order of preference:
+before anything else touches JAX. On a cluster that ``jax.distributed.initialize()`` detects by
+itself (Slurm, Open MPI, Cloud TPU VMs and GKE TPU slices: JAX's own cluster detection) it lets
+JAX do that, with nothing to set; a detected job of one process is left alone. Elsewhere (or
+with ``WMDD_AUTO_DETECT=0``) it reads, in this order of preference:
 
 ==========================  =========================  ==========================================
 wmdd_jax variable           JAX-style fallback         meaning
@@ -30,16 +33,19 @@ wmdd_jax variable           JAX-style fallback         meaning
 ``WMDD_PROCESS_ID``         ``JAX_PROCESS_ID``          this process's index in [0, n)
 ``WMDD_LOCAL_DEVICE_IDS``   (none)                      optional, e.g. ``0,1``: local devices used
 ``WMDD_CPU_COLLECTIVES``    (none)                      CPU collectives, default ``gloo``
+``WMDD_AUTO_DETECT``        (none)                      ``0``: skip JAX's cluster detection
 ==========================  =========================  ==========================================
 
-Without a coordinator address it does nothing (one process). Each process then feeds its own
-shard of the data (``dataset.iter_batches(..., process_index=jax.process_index(),
-process_count=jax.process_count())``), which :func:`from_process_local` assembles into one global
+Without a detected cluster or a coordinator address it does nothing (one process). Each process
+then feeds its own shard of the data (``dataset.iter_batches(..., process_index=
+jax.process_index(), process_count=jax.process_count())``), which :func:`from_process_local`
+assembles into one global
 array; :func:`gather` brings sharded results back to every host.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -60,6 +66,7 @@ _ENV = {
     "process_id": ("WMDD_PROCESS_ID", "JAX_PROCESS_ID"),
     "local_device_ids": ("WMDD_LOCAL_DEVICE_IDS",),
     "cpu_collectives": ("WMDD_CPU_COLLECTIVES",),
+    "auto_detect": ("WMDD_AUTO_DETECT",),
 }
 
 
@@ -71,6 +78,37 @@ def _env(environ: Mapping[str, str], name: str) -> str | None:
   return None
 
 
+def detect_cluster() -> tuple[str, int | None] | None:
+  """The cluster ``jax.distributed.initialize()`` would configure itself from, if any.
+
+  Walks JAX's own cluster environments (``jax._src.clusters``: Slurm, Open MPI, Cloud TPU, GKE
+  TPU, ...; opt-in ones such as mpi4py are skipped, as JAX's auto-detection does), reading only
+  their environment checks, without initialising anything.
+
+  Returns:
+    (the environment's class name, its process count or None when it cannot say), or None when
+    none is present (or this JAX has no such module).
+  """
+  try:
+    from jax._src import clusters  # noqa: PLC0415 - the list JAX's auto-detection walks
+  except ImportError:  # a JAX without it: fall back to the environment variables
+    return None
+  for env in getattr(clusters.ClusterEnv, "_cluster_types", ()):
+    if getattr(env, "opt_in_only_method", False):
+      continue
+    try:
+      present = env.is_env_present()
+    except Exception:  # noqa: BLE001 - a broken detector means "not this cluster"
+      continue
+    if present:
+      try:
+        count = int(env.get_process_count())
+      except Exception:  # noqa: BLE001 - JAX will ask again when it initialises
+        count = None
+      return env.__name__, count
+  return None
+
+
 def initialize_distributed(
     *,
     coordinator_address: str | None = None,
@@ -79,23 +117,34 @@ def initialize_distributed(
     local_device_ids: Sequence[int] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> bool:
-  """Joins a multi-process JAX job when one is configured; a no-op otherwise.
+  """Joins a multi-process JAX job when there is one; a no-op otherwise.
 
   Call it first thing in a script, before any JAX computation (JAX cannot add processes to a
-  running backend). Arguments override the environment variables of the module docstring. On CPU
-  the cross-process collectives need an implementation: ``jax_cpu_collectives_implementation`` is
-  set to ``gloo`` (or ``WMDD_CPU_COLLECTIVES``) first; it does not affect GPU/TPU backends.
+  running backend). In order:
+
+  1. a ``coordinator_address`` argument: that job (count and id from the arguments or the
+     environment variables of the module docstring);
+  2. a cluster JAX detects by itself (:func:`detect_cluster`; Slurm, Open MPI, TPU VMs, ...)
+     with more than one process: ``jax.distributed.initialize()`` with nothing set, JAX reading
+     the cluster (``local_device_ids`` still apply). Skipped with ``WMDD_AUTO_DETECT=0`` or when
+     ``environ`` is given (JAX's detectors read ``os.environ``);
+  3. ``WMDD_COORDINATOR`` / ``JAX_COORDINATOR_ADDRESS`` and the other variables of the module
+     docstring.
+
+  On CPU the cross-process collectives need an implementation: ``jax_cpu_collectives_
+  implementation`` is set to ``gloo`` (or ``WMDD_CPU_COLLECTIVES``) first; it does not affect
+  GPU/TPU backends.
 
   Args:
-    coordinator_address: ``host:port`` of process 0; None reads the environment.
+    coordinator_address: ``host:port`` of process 0; None: detect, then read the environment.
     num_processes: number of processes; None reads the environment.
     process_id: this process's index; None reads the environment.
     local_device_ids: the local devices this process uses; None: all (or the environment's).
     environ: the environment to read (default ``os.environ``; tests pass a dict).
 
   Returns:
-    True when this process is part of a multi-process job (now or already), False when no
-    coordinator is configured and nothing was done.
+    True when this process is part of a multi-process job (now or already), False when there is
+    none and nothing was done.
 
   Raises:
     ConfigError: a coordinator without the number of processes or the process id, values that
@@ -103,8 +152,28 @@ def initialize_distributed(
   """
   if jax.distributed.is_initialized():
     return True
+  detect = environ is None
   environ = os.environ if environ is None else environ
-  address = coordinator_address or _env(environ, "coordinator")
+  try:
+    ids = local_device_ids
+    if ids is None and _env(environ, "local_device_ids"):
+      ids = [int(x) for x in _env(environ, "local_device_ids").split(",")]
+  except ValueError as e:
+    raise ConfigError(f"WMDD_LOCAL_DEVICE_IDS must be comma-separated integers ({e}), e.g. "
+                      "WMDD_LOCAL_DEVICE_IDS=0,1.") from e
+  address = coordinator_address
+  if not address and detect and (_env(environ, "auto_detect") or "1") not in ("0", "false"):
+    cluster = detect_cluster()
+    if cluster is not None and cluster[1] != 1:
+      name, count = cluster
+      if _env(environ, "coordinator"):
+        logging.warning("initialize_distributed: %s detected; jax.distributed.initialize() "
+                        "reads it, and WMDD_COORDINATOR/JAX_COORDINATOR_ADDRESS are ignored "
+                        "(set WMDD_AUTO_DETECT=0 to use them instead).", name)
+      _start(environ, what=f"the {name} cluster ({count or 'unknown'} processes)",
+             local_device_ids=ids)
+      return True
+  address = address or _env(environ, "coordinator")
   if not address:
     return False
   try:
@@ -116,9 +185,6 @@ def initialize_distributed(
           "id; set WMDD_NUM_PROCESSES and WMDD_PROCESS_ID (or JAX_NUM_PROCESSES / "
           "JAX_PROCESS_ID), or unset WMDD_COORDINATOR for a single process.")
     count, index = int(count), int(index)
-    ids = local_device_ids
-    if ids is None and _env(environ, "local_device_ids"):
-      ids = [int(x) for x in _env(environ, "local_device_ids").split(",")]
   except ValueError as e:
     if isinstance(e, ConfigError):
       raise
@@ -127,16 +193,23 @@ def initialize_distributed(
   if not 0 <= index < count:
     raise ConfigError(f"process id {index} is outside [0, {count}); number the processes "
                       f"0..{count - 1}.")
+  _start(environ, what=f"coordinator {address}", coordinator_address=address,
+         num_processes=count, process_id=index, local_device_ids=ids)
+  return True
+
+
+def _start(environ: Mapping[str, str], *, what: str, **kwargs: Any) -> None:
+  """``jax.distributed.initialize(**kwargs)`` with CPU collectives set; errors made readable."""
   jax.config.update("jax_cpu_collectives_implementation",
                     _env(environ, "cpu_collectives") or "gloo")
   try:
-    jax.distributed.initialize(coordinator_address=address, num_processes=count,
-                               process_id=index, local_device_ids=ids)
-  except RuntimeError as e:
+    jax.distributed.initialize(**kwargs)
+  except (RuntimeError, ValueError) as e:
     raise ConfigError(
-        f"jax.distributed.initialize failed ({e}). It must run before any JAX computation: call "
-        "wmdd_jax.distributed.sharding.initialize_distributed() at the top of the script.") from e
-  return True
+        f"jax.distributed.initialize failed for {what} ({e}). It must run before any JAX "
+        "computation: call wmdd_jax.distributed.sharding.initialize_distributed() at the top of "
+        "the script; with WMDD_AUTO_DETECT=0 the WMDD_* variables are used instead of the "
+        "detected cluster.") from e
 
 
 # ---------------------------------------------------------------------------------------------
