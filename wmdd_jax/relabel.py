@@ -31,7 +31,8 @@ is reproducible from its key alone.
 These are pure functions of arrays; how a step runs on devices is
 :func:`wmdd_jax.evaluate.train_student`'s execution.
 
-Not implemented: caching soft labels (they are cheap to recompute next to the student's step).
+Soft labels are recomputed, not cached (cheap next to the student's step); to evaluate a set
+without the teacher, :mod:`wmdd_jax.protocol` stores them with the views of a fixed schedule.
 """
 
 from __future__ import annotations
