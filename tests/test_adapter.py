@@ -80,6 +80,13 @@ def test_adapted_plain_model_matches_the_registered_contract(rng):
   mu, var = pool_moments(got.bn_mean[1], got.bn_var[1])
   np.testing.assert_allclose(var, bn_inputs[1].var(axis=(0, 1, 2)), atol=1e-5)
 
+  # Running statistics in forward order, as the registered model's (the SRe2L targets).
+  from wmdd_jax.models.adapter import running_statistics
+  from wmdd_jax.models.base import running_statistics as registered_running
+  for got_t, want_t in zip(running_statistics(model, plain, SHAPE),
+                           registered_running(reference, variables, SHAPE)):
+    for g, w in zip(got_t, want_t):
+      np.testing.assert_allclose(g, w)
   # Train mode: the same BN statistics update as the registered model's.
   (_, want_stats), (_, got_stats) = (apply_model(reference, variables, x, train=True),
                                      apply_model(model, plain, x, train=True))

@@ -34,10 +34,13 @@ What the adapter provides, and how:
   distillation protocol has no dropout, and the student's step passes no dropout key. A
   ``nn.Dropout(deterministic=False)`` fixed in the module fails with Flax's missing-rng error.
 
-Not covered: other normalisation layers (LayerNorm, GroupNorm: nothing is recorded, so BN
-terms see only the BatchNorms), and the running-statistics ablations (``bn_stats="running"``:
-``sre2l``, ``wass_bn``), which read the teacher's ``batch_stats`` in the registered models'
-layout; per-class statistics (WMDD), barycenters, recover and the student work.
+The running-statistics ablations (``bn_stats="running"``: ``sre2l``, ``wass_bn``) need the
+teacher's BN running statistics in forward order: :func:`running_statistics` here reads them
+from adapted and registered models alike (``wmdd_jax.models.base.running_statistics`` knows only
+the registered models' layout).
+
+Not covered: other normalisation layers (LayerNorm, GroupNorm: nothing is recorded, so the BN
+terms see only the BatchNorms).
 """
 
 from __future__ import annotations
@@ -51,7 +54,12 @@ import jax
 import jax.numpy as jnp
 
 from wmdd_jax.errors import ConfigError, ShapeError
-from wmdd_jax.models.base import _CALL_ORDER, BN_COLLECTION, CapturingBatchNorm
+from wmdd_jax.models.base import (
+    _CALL_ORDER,
+    BN_COLLECTION,
+    CapturingBatchNorm,
+    bn_layer_paths,
+)
 
 # Names a module's __call__ may use for the mode flag: True in training, and the inverted ones.
 _TRAIN_NAMES = ("train", "training", "is_training")
@@ -238,3 +246,29 @@ def module_paths(model: nn.Module, image_shape: tuple[int, int, int]) -> tuple[s
 
   jax.eval_shape(run, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
   return tuple(dict.fromkeys(seen))
+
+
+def running_statistics(model: nn.Module, variables: dict[str, Any],
+                       image_shape: tuple[int, ...]
+                       ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+  """The BN running statistics of an adapted (or registered) model, layer by layer in forward
+  order, aligned with ``apply_model``'s moments.
+
+  Args:
+    model: an :class:`Adapted` or registered model.
+    variables: its ``{"params", "batch_stats"}``.
+    image_shape: (H, W, ch) of one input image.
+
+  Returns:
+    (means, vars): tuples over BN layers of f32[ch_l] (``RecoverTargets.running_mean/var``).
+  """
+  paths = bn_layer_paths(model, variables, image_shape)
+  means, varis = [], []
+  for path in paths:
+    node = variables["batch_stats"]
+    for name in path:
+      node = node[name]
+    node = node.get("bn", node)  # CapturingBatchNorm keeps its nn.BatchNorm as "bn"
+    means.append(jnp.asarray(node["mean"], jnp.float32))
+    varis.append(jnp.asarray(node["var"], jnp.float32))
+  return tuple(means), tuple(varis)
