@@ -1,13 +1,15 @@
 """Evaluates a synthetic set: students x seeds, soft and hard labels, against random real images.
 
-    python experiments/evaluate.py --config experiments/configs/evaluate.py \\
-        --config.set=demo_out/wmdd --config.students="convnet_d3(width=64),resnet18(stem=cifar)"
-    python experiments/evaluate.py --config experiments/configs/evaluate.py \\
-        --config.set=/data/wmdd_syn --config.dataset.spec=folder:/data/imagenette \\
-        --config.teacher=runs/in/teacher --config.seeds=0
+    python experiments/evaluate.py --config.set=demo_out/wmdd \\
+        --config.students="convnet_d3(width=64),resnet18(stem=cifar)"
+    python experiments/evaluate.py --config.set=/data/wmdd_syn \\
+        --config.dataset.spec=folder:/data/imagenette --config.teacher=runs/in/teacher \\
+        --config.seeds=0
+
+Every field of :func:`get_config` (below) is a ``--config.<field>`` flag.
 
 The set: a pipeline workdir, a ``synset/`` directory, or class folders of PNG/JPEG images (the
-official code's output; no classes.json needed: see experiments/configs/evaluate.py). Every
+official code's output; no classes.json needed: see :func:`get_config`). Every
 (student, seed) is trained with the teacher's soft labels (``wmdd_jax.evaluate.train_student``,
 or stored soft labels, ``--config.soft_labels=DIR``) and with hard labels (cross-entropy on the
 same views, mixed by CutMix), and the same on random real images of the same per-class counts.
@@ -24,7 +26,9 @@ import sys
 import time
 from typing import Any
 
+import ml_collections
 import numpy as np
+from ml_collections import config_dict
 
 from wmdd_jax import checkpoint, protocol, store
 from wmdd_jax.data import open_dataset
@@ -32,6 +36,47 @@ from wmdd_jax.data.folder import read_class_folders
 from wmdd_jax.errors import ConfigError, WMDDError
 from wmdd_jax.evaluate import EvaluateOptions
 from wmdd_jax.models import get_model
+
+# Fields of EvaluateOptions the suite sets itself.
+_OWN = ("seed", "progress")
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The evaluation's fields and defaults (each a ``--config.<field>`` flag).
+
+  ``set`` is a pipeline workdir (its ``synset/``, teacher and student protocol are used), a
+  ``synset/`` directory, or a folder of PNG/JPEG images per class (the official WMDD/SRe2L
+  ``new000/class000_id000.jpg`` layout, an ImageFolder; class order from the real dataset's
+  class names, else sorted folder order). Students are registered models with options in
+  parentheses, e.g. ``resnet18(stem=cifar,width=32)``; "" is the teacher's model. Every
+  ``eval.*`` field left None takes the workdir's value (its config.json), else
+  EvaluateOptions' default (the paper's protocol). Writes ``<out>.json`` and ``<out>.md``
+  (default ``out``: ``<set>/evaluate``).
+  """
+  c = ml_collections.ConfigDict()
+  c.set = ""                  # workdir, synset/ directory, or class-folder image set (required)
+  c.dataset = ml_collections.ConfigDict({
+      "spec": "",             # the real dataset ("" : the workdir's / the teacher's)
+      "options": {},          # open_dataset options
+      "train_split": "train",  # random real images come from here
+      "test_split": "test",   # students are tested here
+  })
+  c.teacher = ""              # teacher checkpoint ("" : the workdir's); soft labels on the fly
+  c.soft_labels = ""          # directory of soft_labels_seed<s>.npz: used instead of a teacher
+  c.store_soft_labels = ""    # write the teacher's soft labels of each seed here
+  c.export = ""               # write the set for PyTorch users here (PNG + labels.json + npz)
+  c.students = ""             # comma-separated: name or name(key=value,...); "": the teacher's
+  c.seeds = "0,1,2"
+  c.labels = "soft,hard"
+  c.random_baseline = True    # also train on random real images (same counts per class)
+  c.out = ""                  # results stem: <out>.json, <out>.md ("" : <set>/evaluate)
+  c.eval = ml_collections.ConfigDict()
+  for field in EvaluateOptions.__dataclass_fields__.values():
+    if field.name in _OWN:
+      continue
+    kind = type(field.default)
+    c.eval[field.name] = config_dict.placeholder(kind)
+  return c
 
 
 def parse_students(spec: str) -> list[tuple[str, str, dict[str, Any]]]:
@@ -200,9 +245,10 @@ def run(config: Any, log=print) -> dict[str, Any]:
   notes = (f"Soft labels: the teacher's logits on each view (KD, T={options.temperature:g}); "
            "hard labels: cross-entropy on the same views with CutMix-mixed one-hot labels. "
            f"{options.epochs} epochs, batch {options.batch_size}, crops {options.crop_scale}, "
-           f"CutMix {options.cutmix}. Random real: the same per-class counts from "
-           f"{train_split!r}, drawn per seed; gain = set - random, paired by seed. "
-           f"{teacher_note}. {seconds:.0f} s in all.")
+           f"CutMix {options.cutmix}. "
+           + (f"Random real: the same per-class counts from {train_split!r}, drawn per seed; "
+              "gain = set - random, paired by seed. " if config.random_baseline else "")
+           + f"{teacher_note}. {seconds:.0f} s in all.")
   markdown = f"{title}\n\n{table}\n\n{notes}\n"
   print(markdown)
   out = config.out or os.path.join(s["root"], "evaluate")
@@ -242,14 +288,14 @@ def _machine() -> dict[str, Any]:
 
 
 def main() -> None:
-  """Parses the flags (absl + ml_collections config_flags; defined here so that importing this
-  file, as the tests do, defines none) and runs :func:`run`."""
-  from absl import app, flags, logging  # noqa: PLC0415
+  """Parses the flags (``--config.<field>`` of :func:`get_config`; defined here so that importing
+  this file, as the tests do, defines none) and runs :func:`run`."""
+  from absl import app, logging  # noqa: PLC0415
   from ml_collections import config_flags  # noqa: PLC0415
 
-  config = config_flags.DEFINE_config_file("config", None, "Evaluation config file.",
+  config = config_flags.DEFINE_config_dict("config", get_config(),
+                                           "The evaluation (--config.<field>=value).",
                                            lock_config=True)
-  flags.mark_flags_as_required(["config"])
 
   def start(argv):
     if len(argv) > 1:

@@ -622,6 +622,8 @@ def markdown_table(result: dict[str, Any], label_modes: Sequence[str] = LABEL_MO
   """The summary of :func:`evaluate_set` as a markdown table (mean +- sample std over seeds)."""
   cols = [f"set/{m}" for m in label_modes] + [f"random/{m}" for m in label_modes] + \
       [f"gain/{m}" for m in label_modes]
+  # Only the columns some student has (no random columns without the baseline).
+  cols = [c for c in cols if any(c in cells for cells in result["summary"].values())]
   titles = {"set": "set", "random": "random real", "gain": "gain over random"}
   head = "| student | " + " | ".join(f"{titles[c.split('/')[0]]}, {c.split('/')[1]} labels"
                                       for c in cols) + " |"
