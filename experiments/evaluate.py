@@ -22,6 +22,7 @@ saves the teacher's logits for each seed's views (``wmdd_jax.protocol``, a docum
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from typing import Any
@@ -255,7 +256,8 @@ def run(config: Any, log=print) -> dict[str, Any]:
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   data = {"benchmark": "a synthetic set under the soft- and hard-label protocols, several "
                        "students and seeds, against random real images",
-          "command": "python " + " ".join(sys.argv) if sys.argv and sys.argv[0] else "",
+          "script": "experiments/evaluate.py",
+          "command": "python " + shlex.join(["experiments/evaluate.py", *sys.argv[1:]]),
           "set": s["root"], "kind": s["kind"], "dataset": s["spec"],
           "teacher": s["teacher_path"], "images_per_class": counts.tolist(),
           "students": [lbl for lbl, _ in students], "seeds": seeds, "labels": modes,
