@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wmdd_jax import DataError, checkpoint, protocol, store
+from wmdd_jax import ConfigError, DataError, checkpoint, protocol, store
 from wmdd_jax.data.folder import read_class_folders
 from wmdd_jax.evaluate import EvaluateOptions, train_student
 from wmdd_jax.models import get_model
@@ -207,3 +207,20 @@ def test_evaluate_an_official_image_folder_without_classes_json(world, tmp_path)
   got = {(r["student"], r["seed"]): r["top1"] for r in stored["runs"]}
   assert got == want
   assert {r["how"] for r in stored["runs"]} == {"stored soft labels"}
+
+
+def test_student_specs_and_protocol_defaults():
+  evaluate = _load("experiments/evaluate.py", "evaluate_cli_specs")
+  specs = evaluate.parse_students("convnet_d3(width=64), resnet18(stem=cifar,width=16),convnet")
+  assert specs == [("convnet_d3(width=64)", "convnet_d3", {"width": 64}),
+                   ("resnet18(stem=cifar,width=16)", "resnet18", {"stem": "cifar", "width": 16}),
+                   ("convnet", "convnet", {})]
+  with pytest.raises(ConfigError, match="key=value"):
+    evaluate.parse_students("resnet18(cifar)")
+  config = evaluate.get_config()
+  # eval fields left None: the workdir's protocol, else EvaluateOptions' (the paper's) defaults.
+  run_eval = {"epochs": 300, "crop_scale": [0.5, 1.0], "model": "convnet_d3", "seed": 7}
+  options = evaluate.eval_options(config, run_eval)
+  assert (options.epochs, options.crop_scale, options.lr) == (300, (0.5, 1.0), 1e-3)
+  config.eval.epochs = 5
+  assert evaluate.eval_options(config, run_eval).epochs == 5
