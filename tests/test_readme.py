@@ -41,3 +41,10 @@ def test_use_it_from_your_code_runs(tmp_path, monkeypatch, capsys):
   assert "recover loss" in printed and "student test top-1" in printed
   np.testing.assert_allclose(namespace["pixels"], np.clip(images * 0.4 + 0.3, 0, 1), atol=1e-6)
   assert np.isfinite(np.asarray(namespace["synthetic"])).all()
+  # The contract written directly works as the registered models do.
+  from wmdd_jax.models import apply_model, init_model
+
+  native = namespace["Native"]()
+  out = apply_model(native, init_model(native, namespace["jax"].random.key(0), (8, 8, 3)),
+                    np.zeros((2, 8, 8, 3), np.float32))
+  assert out.logits.shape == (2, 10) and [m.shape for m in out.bn_mean] == [(2, 16)]
