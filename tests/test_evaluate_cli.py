@@ -224,3 +224,44 @@ def test_student_specs_and_protocol_defaults():
   assert (options.epochs, options.crop_scale, options.lr) == (300, (0.5, 1.0), 1e-3)
   config.eval.epochs = 5
   assert evaluate.eval_options(config, run_eval).epochs == 5
+
+
+def test_pytorch_rebuilds_the_stored_views(world, tmp_path):
+  """A PyTorch user with only the export (synset.npz + soft_labels_seed<s>.npz) rebuilds every
+  view the stored logits belong to: torchvision's resized_crop (slice + bilinear antialiased
+  interpolate), flip and the batch's CutMix box give our views to float round-off."""
+  torch = pytest.importorskip("torch")
+  F = torch.nn.functional
+  teacher, tvars, _ = checkpoint.build_teacher(world["teacher"])
+  ds = world["dataset"]
+  x = store.normalize_like_official(world["x_train"][::6], ds.mean, ds.std)  # 10 images
+  options = EvaluateOptions(epochs=1, batch_size=4, crop_scale=(0.2, 1.0))
+  labels = protocol.teacher_soft_labels(teacher, tvars, x, options, protocol.student_key(0))
+  protocol.save_soft_labels(tmp_path / "soft_labels_seed0.npz", labels)
+  root = store.export_for_pytorch(tmp_path / "export", x, np.zeros(len(x), int),
+                                  list(ds.class_names), ds.mean, ds.std,
+                                  soft_labels=[tmp_path / "soft_labels_seed0.npz"])
+  images = torch.from_numpy(np.load(os.path.join(root, "synset.npz"))["images"]).permute(0, 3, 1,
+                                                                                          2)
+  soft = np.load(os.path.join(root, "soft_labels_seed0.npz"))
+  h, w = images.shape[-2:]
+  b = int(json.loads(str(soft["meta"]))["batch_size"])
+  assert soft["flip"].any() and (soft["mix_box"][..., 2] > soft["mix_box"][..., 0]).any()
+  for start in range(0, len(x), b):
+    rows = slice(start, start + b)
+    views = []
+    for i, (y0, x0, bh, bw) in zip(soft["index"][0, rows], soft["crop"][0, rows]):
+      crop = images[i:i + 1, :, y0:y0 + bh, x0:x0 + bw]  # resized_crop(img, y0, x0, bh, bw)
+      views.append(F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False,
+                                 antialias=True)[0])
+    views = torch.stack(views)
+    flip = torch.from_numpy(soft["flip"][0, rows])
+    views = torch.where(flip[:, None, None, None], views.flip(-1), views)
+    by0, bx0, by1, bx1 = soft["mix_box"][0, start // b]
+    partner = torch.from_numpy(soft["partner"][0, rows] - start)
+    mixed = views.clone()
+    mixed[:, :, by0:by1, bx0:bx1] = views[partner][:, :, by0:by1, bx0:bx1]
+    batch = labels.schedule.batch(0, start // b)
+    want = protocol.apply_views(x[batch["index"]], batch["crop"], batch["flip"], batch["perm"],
+                                batch["box"])
+    np.testing.assert_allclose(mixed.permute(0, 2, 3, 1).numpy(), np.asarray(want), atol=1e-4)

@@ -468,8 +468,20 @@ soft_labels_seed<s>.npz         the teacher's logits on every student view of a 
                                 (wmdd_jax.protocol, format wmdd_jax.soft_labels/1): per epoch and
                                 row the image index, its crop box (y0, x0, h, w) resized back,
                                 flip, CutMix partner row, the batch's CutMix box and lambda, and
-                                logits f16[E, N, C]; apply the same crops, flips and CutMix
-                                (torchvision resized_crop(..., antialias=True)) to train on them.
+                                logits f16[E, N, C]. Epoch e's rows are its batches in order
+                                (batch_size in meta). The views of batch rows r0:r1 in PyTorch:
+
+    F = torch.nn.functional
+    s = np.load("soft_labels_seed0.npz"); B = json.loads(str(s["meta"]))["batch_size"]
+    v = torch.stack([F.interpolate(x[i:i + 1, :, y0:y0 + h, x0:x0 + w], size=x.shape[-2:],
+                                   mode="bilinear", align_corners=False, antialias=True)[0]
+                     for i, (y0, x0, h, w) in zip(s["index"][e, r0:r1], s["crop"][e, r0:r1])])
+    v = torch.where(torch.from_numpy(s["flip"][e, r0:r1])[:, None, None, None], v.flip(-1), v)
+    by0, bx0, by1, bx1 = s["mix_box"][e, r0 // B]
+    p = torch.from_numpy(s["partner"][e, r0:r1] - r0)
+    v[:, :, by0:by1, bx0:bx1] = v[p][:, :, by0:by1, bx0:bx1].clone()
+    # soft targets: s["logits"][e, r0:r1]; loss KL(softmax(t / T) || softmax(student / T)),
+    # T = meta["temperature"] (tests/test_evaluate_cli.py rebuilds the views this way)
 """
 
 
