@@ -40,7 +40,8 @@ from adapted and registered models alike (``wmdd_jax.models.base.running_statist
 the registered models' layout).
 
 Not covered: other normalisation layers (LayerNorm, GroupNorm: nothing is recorded, so the BN
-terms see only the BatchNorms).
+terms see only the BatchNorms), and Flax NNX modules (Linen's method interceptors do not reach
+them).
 """
 
 from __future__ import annotations
@@ -205,8 +206,9 @@ def adapt(module: nn.Module, features: str | Callable[..., Any] | None = None, *
       its ``__call__``.
   """
   if not isinstance(module, nn.Module):
-    raise ConfigError(f"adapt takes a flax.linen Module, got {type(module).__name__}; wrap NNX "
-                      "models with flax.nnx.bridge.ToLinen first.")
+    raise ConfigError(f"adapt takes a flax.linen Module, got {type(module).__name__}. Flax NNX "
+                      "models are not supported: their BatchNorm inputs cannot be intercepted "
+                      "(write the model in Linen, or give it the contract directly).")
   if train_arg == "auto":
     train_arg = _train_arg(module)
   elif train_arg is not None:
