@@ -3,13 +3,15 @@
 Per class of each family it runs, in one process: POT (``ot.lp.free_support_barycenter``, the
 exact network-simplex LP per iteration, from a random normal init as the official WMDD code
 calls it), the default (``free_support_barycenter`` with default options: the semi-dual solver,
-4 k-means++ starts that each run 5 balanced iterations, then the best continues), the semi-dual
-solver from one start (``num_inits=1``, the former default), OTT-JAX's
-``FreeWassersteinBarycenter`` (``solver="ott"``, one start; on the first ``--ott_classes``
-classes only, it is slow) and learned weights. Every W2^2 is measured exactly
-by POT's ``ot.emd2`` against the uniform measure on the class's points; JAX times are after
-compilation (one warm-up call per shape and method), and the methods alternate within a class so
-that the shared machine's load hits them alike.
+4 k-means++ starts that each run 5 Laguerre polish iterations, then the best continues), the
+semi-dual solver from one start (``num_inits=1``), the OTT-JAX annealed solver
+(``solver="annealed"``: one start, five OTT Sinkhorn annealing stages, then the polish),
+OTT-JAX's ``FreeWassersteinBarycenter`` (``solver="ott"``, one start, timed once; on the first
+``--ott_classes`` classes only, it is slow) and learned weights (OTT-JAX k-means). Every W2^2 is
+measured exactly by POT's ``ot.emd2`` against the uniform measure on the class's points; JAX
+times are after compilation (one warm-up call per shape and method), the methods alternate
+within a class so that the shared machine's load hits them alike, and each time is the best of
+``--repeats`` calls.
 
 Families (synthetic, post-ReLU, clustered like penultimate features):
   cifar: n=5000, d=512, k=50, 10 sub-clusters of uneven sizes per class (the paper's CIFAR-10
@@ -22,6 +24,14 @@ Families (synthetic, post-ReLU, clustered like penultimate features):
     .venv/bin/python -m bench.barycenter --classes 1 --families clustered --out /tmp/b.json
 
 Writes bench/results/barycenter.json and prints a table; the figures are in docs/benchmarks.md.
+
+``--study anneal`` instead runs the study of the default's robustness against OTT-JAX annealing:
+15 seeded stress clouds (2-5 well-separated clusters of unequal sizes with n 800-2000, d
+32/64/128, k 5/10/20, and ImageNet-like clouds with n=1300, d=512, k 10/50) and 8 small ones
+(n=300, d=16, k=5, 4 clusters), W2^2 relative to the better of two POT runs (k random data
+points, and a random normal init); it writes bench/results/barycenter_anneal.json:
+
+    .venv/bin/python -m bench.barycenter --study anneal
 """
 
 from __future__ import annotations
@@ -68,6 +78,76 @@ def family_class(family: str, rng: np.random.Generator, c: int) -> tuple[np.ndar
   raise ValueError(family)
 
 
+def stress_cloud(seed: int) -> tuple[np.ndarray, int]:
+  """(f32[n, d] points, k) of one stress cloud of ``--study anneal``."""
+  rng = np.random.default_rng(seed)
+  if seed % 3 < 2:
+    n, d = int(rng.integers(800, 2001)), int(rng.choice([32, 64, 128]))
+    k = int(rng.choice([5, 10, 20]))
+    return unequal_clusters(rng, n, d), k
+  return class_features(rng, 1300, 512), int(rng.choice([10, 50]))
+
+
+SCHEDULES = {
+    "default (semidual, 4 starts)": {},
+    "semidual, 1 start": {"num_inits": 1},
+    "annealed (2, 0.6, 0.2, 0.06, 0.02), 1 start": {"solver": "annealed"},
+    "annealed (0.3, 0.1, 0.03), 1 start": {"solver": "annealed", "anneal": (0.3, 0.1, 0.03)},
+    "annealed (2, 0.6, 0.2, 0.06, 0.02), 2 starts": {"solver": "annealed", "num_inits": 2},
+}
+
+
+def small_cloud(seed: int) -> tuple[np.ndarray, int]:
+  """(f32[300, 16], 5): 4 well-separated post-ReLU clusters of random sizes, k=5 (the small
+  clustered cloud of tests/test_barycenter.py)."""
+  rng = np.random.default_rng(seed)
+  centers = 3.0 * rng.normal(size=(4, 16))
+  return np.maximum(centers[rng.integers(0, 4, 300)] + rng.normal(size=(300, 16)), 0.0).astype(
+      np.float32), 5
+
+
+def anneal_study(args) -> None:
+  """One start per annealing schedule on the stress clouds; writes the W2^2 ratios to POT."""
+  rows = []
+  clouds = [("stress", seed, *stress_cloud(seed)) for seed in range(3000, 3000 + args.clouds)]
+  clouds += [("small", seed, *small_cloud(seed)) for seed in range(3100, 3100 + args.small)]
+  for family, seed, points, k in clouds:
+    pts64 = points.astype(np.float64)
+    n, d = points.shape
+    uniform = np.full(n, 1.0 / n)
+    inits = [points[np.random.default_rng(seed).choice(n, k, replace=False)],
+             np.random.default_rng(seed).normal(size=(k, d))]
+    pot = min(exact_w2(ot.lp.free_support_barycenter([pts64], [uniform], np.asarray(i, float)),
+                       np.full(k, 1.0 / k), pts64) for i in inits)
+    row = {"family": family, "seed": seed, "n": n, "d": d, "k": k, "pot_w2": pot}
+    for name, opts in SCHEDULES.items():
+      out = free_support_barycenter(points, k, jax.random.key(seed), **opts)
+      row[name] = exact_w2(out.support, out.weights, pts64) / pot
+    rows.append(row)
+    print(f"{family} {seed} n={n} d={d} k={k}: " + " | ".join(
+        f"{name} {row[name]:.4f}" for name in SCHEDULES), flush=True)
+  summary = []
+  for family in ("stress", "small"):
+    fam = [r for r in rows if r["family"] == family]
+    for name in SCHEDULES if fam else ():
+      summary.append({"family": family, "method": name,
+                      "w2_ratio_max": float(max(r[name] for r in fam)),
+                      "w2_ratio_median": float(np.median([r[name] for r in fam])),
+                      "clouds_above_1pct": int(sum(r[name] > 1.01 for r in fam)),
+                      "clouds": len(fam)})
+  for e in summary:
+    print(f"{e['family']:7s} {e['method']:48s} max {e['w2_ratio_max']:.4f} median "
+          f"{e['w2_ratio_median']:.4f} > 1%: {e['clouds_above_1pct']}/{e['clouds']}")
+  write_result(args.out or os.path.join(RESULTS_DIR, "barycenter_anneal.json"), {
+      "benchmark": "barycenter_anneal",
+      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+      "config": {"stress_clouds": args.clouds, "small_clouds": args.small,
+                 "methods": {n: o for n, o in SCHEDULES.items()},
+                 "reference": "the lower W2^2 of two POT free_support_barycenter runs (k random "
+                              "data points; random normal init), measured by ot.emd2"},
+      "summary": summary, "per_cloud": rows, "machine": machine(pot=ot.__version__)})
+
+
 def exact_w2(support, weights, points) -> float:
   points = np.asarray(points, np.float64)
   weights = np.asarray(weights, np.float64)
@@ -84,8 +164,9 @@ def timed(fn) -> tuple[float, object]:
 
 METHODS = {
     "default": {},
+    "annealed": {"solver": "annealed"},
     "semidual_1start": {"num_inits": 1},
-    "ott": {"solver": "ott", "num_inits": 1},
+    "ott": {"solver": "ott"},
     "learned": {"learn_weights": True},
 }
 
@@ -96,10 +177,19 @@ def main() -> None:
   parser.add_argument("--classes", type=int, default=3, help="classes (seeds) per family")
   parser.add_argument("--ott_classes", type=int, default=1,
                       help="classes per family also solved by OTT's FreeWassersteinBarycenter")
-  parser.add_argument("--repeats", type=int, default=1)
+  parser.add_argument("--repeats", type=int, default=3,
+                      help="calls per method and class; the best counts (OTT: one call)")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default=os.path.join(RESULTS_DIR, "barycenter.json"))
+  parser.add_argument("--out", default=None)
+  parser.add_argument("--study", choices=("anneal",), default=None,
+                      help="run the annealing-schedule study instead (see the docstring)")
+  parser.add_argument("--clouds", type=int, default=15, help="stress clouds of --study anneal")
+  parser.add_argument("--small", type=int, default=8, help="small clouds of --study anneal")
   args = parser.parse_args()
+  if args.study == "anneal":
+    anneal_study(args)
+    return
+  args.out = args.out or os.path.join(RESULTS_DIR, "barycenter.json")
   load_before = os.getloadavg()
   families = [f for f in args.families.split(",") if f]
 
@@ -124,8 +214,10 @@ def main() -> None:
         runs[name] = fn
       times = {name: [] for name in runs}
       outs = {}
-      for _ in range(args.repeats):
+      for r in range(args.repeats):
         for name, fn in runs.items():
+          if name == "ott" and r > 0:
+            continue
           t, outs[name] = timed(fn)
           times[name].append(t)
       row = {"family": family, "class": c, "n": n, "d": d, "k": k}
@@ -176,7 +268,10 @@ def main() -> None:
           "pot": "ot.lp.free_support_barycenter, random normal init, numItermax=100",
           "default": "wmdd_jax.barycenter defaults: semi-dual solver, num_inits=4, "
                      "prune_iterations=5 (float32, jitted; times after compilation)",
-          "semidual_1start": "num_inits=1 (the former default)",
+          "annealed": "solver='annealed': one k-means++ start, OTT-JAX Sinkhorn annealing at "
+                      "2/0.6/0.2/0.06/0.02 of the mean cost, then the Laguerre polish",
+          "semidual_1start": "num_inits=1",
+          "learned": "learn_weights=True: OTT-JAX k_means, 4 runs, mass-weighted k-means++",
           "ott": "solver='ott': OTT-JAX FreeWassersteinBarycenter, Sinkhorn, one start",
           "w2": "ot.emd2 (exact, float64) against the uniform measure on the class's points",
       },

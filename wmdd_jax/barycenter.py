@@ -4,47 +4,49 @@ With one input measure Y (n points y_i, masses a_i) and k support points B (unif
 w_j = 1/k), the barycenter minimises W2^2(sum_j w_j delta_{b_j}, Y) over B: a *balanced*
 (capacity-constrained) k-means in which every support point receives exactly mass w_j. The
 Cuturi-Doucet fixed point solves the transport plan T between B and Y and moves each b_j to the
-centroid of the mass it receives. POT does this with an exact network-simplex LP per iteration;
-here each plan is solved through its *semi-dual*, which has only k variables:
+centroid of the mass it receives (POT does this with an exact network-simplex LP per iteration).
 
-  max_g  F(g) = <w, g> - eps * sum_i a_i logsumexp_j(log w_j + (g_j - C_ij) / eps),
+The default solver (``solver="semidual"``) runs, from each of ``num_inits=4`` mass-weighted
+greedy k-means++ seedings (zero-mass padding rows are never drawn) and a few Lloyd steps, the
+**Laguerre polish**: the plan's potentials g (k values) are balanced through the *semi-dual*
 
-the entropic smoothing of  <w, g> + sum_i a_i min_j (C_ij - g_j) (eps = 1% of the mean cost). F
-is concave and its gradient is w - (mass the Laguerre cells receive), so a damped
-(Levenberg-Marquardt) Newton ascent with k x k linear algebra balances the cells in a handful of
-O(nk) passes, and warm-started from the previous potentials usually in one. Each fixed-point step
-then moves b_j to the centroid of its *hard* Laguerre cell {i : j = argmin_j' C_ij' - g_j'} (the
-exact plan up to the few points that the LP would split between cells), which avoids the
-entropic blur of soft plans; the iterations stop once less than 0.1% of the mass changes cell.
-Initialisation is a seeded greedy k-means++ and a few Lloyd steps.
+  max_g  F(g) = <w, g> - eps * sum_i a_i logsumexp_j(log w_j + (g_j - C_ij) / eps)
 
-The default solves ``num_inits=4`` such starts one after another, each for
-``prune_iterations=5`` balanced iterations, and only the one of lowest W2^2 continues: one
-start is fragile on clouds of a few well-separated clusters of unequal sizes, where the balanced
-iteration can end several percent above POT's exact W2^2 (14.5% above on one seeded cloud of
-tests/test_barycenter.py), while four starts stayed within
-1% of POT on every seeded cloud measured and within 0.3% on the median. Annealing (``anneal``)
-is not a substitute: on those clouds it sometimes lands 10% above POT.
+(eps = ``epsilon`` = 1% of the mean cost; the entropic smoothing of
+<w, g> + sum_i a_i min_j (C_ij - g_j)) by damped (Levenberg-Marquardt) Newton steps with k x k
+linear algebra, warm-started from the previous iteration's g, and each b_j moves to the centroid
+of its hard Laguerre cell {i : j = argmin_j' C_ij' - g_j'} (the exact plan up to the few points
+the LP would split), free of the entropic blur of soft plans. Iterations stop once less than
+``stop_fraction`` of the mass changes cell. Every start runs ``prune_iterations=5`` iterations
+and only the one of lowest cost continues: one start alone ends up to 30% above POT's exact W2^2
+on clouds of a few well-separated clusters of unequal sizes (the support is shared out among the
+clusters wrongly, a local optimum no fixed-point step leaves); bench/barycenter.py's
+``--study anneal`` measures this.
 
-OTT-JAX computes no part of the default solver. ``solver="ott"`` runs OTT-JAX's
-``FreeWassersteinBarycenter`` (``ott.solvers.linear.continuous_barycenter``, Sinkhorn on a
-``PointCloud`` geometry of ``ott.problems.linear.barycenter_problem.FreeBarycenterProblem``) from
-the same k-means++ starts, as the reference entropic solver; it is about two orders of magnitude
-slower on CPU here (bench/barycenter.py, docs/benchmarks.md).
-
-Checked against POT (tests/test_barycenter.py; bench/barycenter.py, figures in
-docs/benchmarks.md): at n=5000, d=512, k=50 the result's exact W2^2 is at or below POT's.
-Different starts reach different local optima; on small clouds these differ by several percent,
-which ``num_inits`` addresses. ``stop_fraction=5e-3`` stops sooner, but can
-stop short of POT's cost on clouds whose fixed-point iteration crawls before a late
-improvement.
+``solver="annealed"`` is the OTT-JAX route: one seeding, then for each relative epsilon of
+``anneal`` (default 2, 0.6, 0.2, 0.06, 0.02 times the mean cost at the seeding) OTT-JAX's
+``Sinkhorn`` (``ott.solvers.linear.sinkhorn``) solves the entropic plan on an
+``ott.geometry.geometry.Geometry`` of the squared-Euclidean costs, warm-started from the previous
+stage's potentials (f, g), every b_j moves to the barycentre of its plan column, and the polish
+above finishes from OTT's g. Annealing repairs most one-start failures (stress clouds of
+unequal clusters) but, deterministic, it lands in the same poor optimum from every start on
+some small clouds of a few clusters (3-13% above POT, the study above), so it is not the
+default. ``solver="ott"`` runs OTT-JAX's ``FreeWassersteinBarycenter``
+(``ott.solvers.linear.continuous_barycenter`` on a ``FreeBarycenterProblem``) from one seeding,
+the reference entropic solver; about two orders of magnitude slower on CPU here, and its
+entropic plans blur the support.
 
 With ``learn_weights=True`` the weights are free on the simplex too; for one measure the optimum
-then sends every point to its nearest support point, so the problem is k-means (Lloyd) and the
-weights are the cell masses.
+then sends every point to its nearest support point, so the problem is k-means and the weights
+are the cell masses: it is solved by OTT-JAX's ``ott.tools.k_means`` (Lloyd, ``num_inits``
+runs, default 4, the best kept) seeded by the mass-weighted k-means++ above.
 
-Zero-mass points (padding) take no part: they are never sampled as seeds, and every sum over
-points is weighted by the masses.
+Checked against POT (tests/test_barycenter.py; bench/barycenter.py, figures in
+docs/benchmarks.md): within 1% of POT's exact W2^2 on every seeded test cloud.
+
+Zero-mass points (padding) take no part: they are never sampled as seeds, every sum over points
+is weighted by the masses, and for OTT's k-means they sit on a real point (its reallocation of
+empty clusters picks far points without looking at their mass).
 """
 
 from __future__ import annotations
@@ -87,42 +89,50 @@ class Barycenter(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class BarycenterOptions:
   """Solver options of :func:`free_support_barycenter` (hashable, static under jit; checked on
-  construction: a bad value raises ConfigError).
+  construction: a bad value raises ConfigError). Every field is a config field
+  (``--config.barycenter.<field>``).
 
   Attributes:
-    num_iterations: cap on the fixed-point iterations of the uniform-weight barycenter (plan,
-      then move).
-    stop_fraction: the iterations stop once at most this fraction of the mass changes cell in
+    solver: "semidual" (the default: k-means++ starts, Lloyd, then the Laguerre polish; see the
+      module docstring), "annealed" (OTT-JAX Sinkhorn annealing before the polish) or "ott"
+      (OTT-JAX's FreeWassersteinBarycenter, the slow entropic reference; uniform weights
+      only).
+    anneal: relative epsilons (multiples of the mean cost at the seeding) of the annealing
+      stages of the "annealed" solver, one Sinkhorn solve and one support move each, in order.
+      The first should be large (about the mean cost, where the plan is nearly uniform and the
+      support gathers near the cloud's mean before it splits); schedules that start lower
+      leave more one-start failures (bench/barycenter.py ``--study anneal``). Empty: none.
+    sinkhorn_threshold: marginal error at which an annealing stage's Sinkhorn solve stops.
+    sinkhorn_iterations: cap on Sinkhorn iterations per annealing stage.
+    num_iterations: cap on the polish iterations (plan, then move).
+    stop_fraction: the polish stops once at most this fraction of the mass changes cell in
       one iteration (the plan has settled); 0 runs all ``num_iterations``.
-    lloyd_steps: Lloyd (k-means) steps after the k-means++ seeding. None: 3 for uniform weights
-      (a cheap warm start for the balanced iterations), 100 for ``learn_weights`` (where Lloyd is
-      the whole solver and stops early once no point changes cell).
-    epsilon: entropic smoothing of the semi-dual, relative to the mass-weighted mean cost.
+    lloyd_steps: Lloyd (k-means) steps after the k-means++ seeding. None: 3 (a cheap warm
+      start for the polish), 0 for "annealed" (the annealing does their work), at most 100 for
+      ``learn_weights`` (where k-means is the whole solver and stops once converged).
+    epsilon: entropic smoothing of the polish's semi-dual, relative to the mass-weighted mean
+      cost.
     tolerance: L1 error of the support marginal at which a semi-dual solve stops.
     max_newton_steps: cap on damped Newton steps per semi-dual solve.
     init_candidates: seeds tried per greedy k-means++ step (the one that lowers the k-means cost
       most is kept). None: 2 + int(log k), as scikit-learn.
     num_inits: independent seedings solved per call (one after another); the lowest-cost one
-      is kept (see ``prune_iterations``).
-      On clouds of a few unequal clusters (n ~ 1000, k ~ 5-20) one start can end several
-      percent above POT's optimum; 4 (the default) kept every seeded test cloud within 1% of
-      POT. It costs 2-6x one start (bench/barycenter.py): 1 is the fast choice at n ~ 5000,
-      k ~ 50, where one start already matches POT (docs/benchmarks.md).
-    prune_iterations: with num_inits > 1 (uniform weights, semi-dual solver), every start runs
-      this many balanced iterations, then only the start of lowest W2^2 continues; 0 runs every
-      start to the end (slower, rarely better).
-    anneal: relative epsilons of "deterministic annealing" iterations run first, which move the
-      support to the centroids of *soft* entropic plans, e.g. (0.2, 0.1, 0.05, 0.02); large
-      epsilon smooths away some poor local optima, but lands in others (10% above POT on one
-      seeded clustered cloud), so it is not the default. Empty: none.
-    solver: "semidual" (the default above) or "ott": OTT-JAX's FreeWassersteinBarycenter
-      (Sinkhorn on a point-cloud geometry) from the same k-means++ starts, the reference
-      entropic solver; about two orders of magnitude slower on CPU at these sizes, and its
-      entropic plans blur the support (uniform weights only).
-    ott_epsilon: OTT's entropic regularisation, relative to the mean cost (its PointCloud
-      convention); static.
+      is kept. None: 4 for "semidual" (one start of it can end far above POT's optimum on
+      clouds of a few unequal clusters; four stayed within 1% on every seeded cloud measured)
+      and for ``learn_weights`` (OTT k-means runs, vmapped), 1 for "annealed" and "ott". 1 is
+      the fast choice where one start suffices (large k on unclustered features:
+      docs/benchmarks.md).
+    prune_iterations: with num_inits > 1 (uniform weights; "annealed" and "semidual"), every
+      start runs this many polish iterations, then only the start of lowest W2^2 continues;
+      0 runs every start to the end.
+    ott_epsilon: OTT FreeWassersteinBarycenter's entropic regularisation ("ott" solver),
+      relative to the mean cost (its PointCloud convention); static.
   """
 
+  solver: str = "semidual"
+  anneal: tuple[float, ...] = (2.0, 0.6, 0.2, 0.06, 0.02)
+  sinkhorn_threshold: float = 1e-3
+  sinkhorn_iterations: int = 200
   num_iterations: int = 30
   stop_fraction: float = 1e-3
   lloyd_steps: int | None = None
@@ -130,40 +140,47 @@ class BarycenterOptions:
   tolerance: float = 1e-2
   max_newton_steps: int = 30
   init_candidates: int | None = None
-  num_inits: int = 4
+  num_inits: int | None = None
   prune_iterations: int = 5
-  anneal: tuple[float, ...] = ()
-  solver: str = "semidual"
   ott_epsilon: float = 0.01
 
   def __post_init__(self):
-    for name in ("num_iterations", "max_newton_steps", "num_inits", "prune_iterations"):
-      value, low = getattr(self, name), int(name not in ("num_iterations", "prune_iterations"))
+    for name in ("num_iterations", "max_newton_steps", "prune_iterations",
+                 "sinkhorn_iterations"):
+      value, low = getattr(self, name), int(name in ("max_newton_steps", "sinkhorn_iterations"))
       if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"barycenter option {name}={value!r} must be an int >= {low}.")
-    for name in ("lloyd_steps", "init_candidates"):
+    for name in ("lloyd_steps", "init_candidates", "num_inits"):
       value = getattr(self, name)
       low = 0 if name == "lloyd_steps" else 1
       if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                 or value < low):
         raise ConfigError(f"barycenter option {name}={value!r} must be None or an int >= {low}.")
-    if not (self.epsilon > 0 and self.tolerance > 0 and self.stop_fraction >= 0):
+    if not (self.epsilon > 0 and self.tolerance > 0 and self.stop_fraction >= 0
+            and self.sinkhorn_threshold > 0 and self.ott_epsilon > 0):
       raise ConfigError(
-          f"barycenter options epsilon={self.epsilon} and tolerance={self.tolerance} must be > 0 "
-          f"and stop_fraction={self.stop_fraction} >= 0."
+          f"barycenter options epsilon={self.epsilon}, tolerance={self.tolerance}, "
+          f"sinkhorn_threshold={self.sinkhorn_threshold} and ott_epsilon={self.ott_epsilon} "
+          f"must be > 0 and stop_fraction={self.stop_fraction} >= 0."
       )
     if self.solver not in SOLVERS:
       raise ConfigError(f"barycenter option solver={self.solver!r} is not one of {SOLVERS}.")
-    anneal = tuple(float(e) for e in np.atleast_1d(self.anneal))
-    if any(e <= 0 for e in anneal):
+    anneal = tuple(float(e) for e in np.atleast_1d(np.asarray(self.anneal, float)))
+    if any(not e > 0 for e in anneal):
       raise ConfigError(f"barycenter option anneal={self.anneal!r} must hold epsilons > 0.")
     # Python floats so the options stay hashable and static under jit.
-    for name in ("epsilon", "tolerance", "stop_fraction", "ott_epsilon"):
+    for name in ("epsilon", "tolerance", "stop_fraction", "ott_epsilon", "sinkhorn_threshold"):
       object.__setattr__(self, name, float(getattr(self, name)))
     object.__setattr__(self, "anneal", anneal)
 
+  def starts(self, learn_weights: bool) -> int:
+    """The number of independent starts (``num_inits`` with its None resolved)."""
+    if self.num_inits is not None:
+      return self.num_inits
+    return 4 if learn_weights or self.solver == "semidual" else 1
 
-SOLVERS = ("semidual", "ott")
+
+SOLVERS = ("annealed", "semidual", "ott")
 
 
 # Levenberg-Marquardt damping values tried in parallel at each Newton step. The scaled Hessian
@@ -244,8 +261,10 @@ def _cell_means(
 ) -> tuple[jax.Array, jax.Array]:
   """Centroids and masses of hard cells; empty cells keep their old position."""
   k = support.shape[0]
-  cell_mass = jax.ops.segment_sum(mass, labels, k)
-  sums = jax.ops.segment_sum(weighted_points, labels, k)
+  # A one-hot matmul: on CPU it runs several times faster than a scatter-add of d-wide rows.
+  onehot = (labels[:, None] == jnp.arange(k)[None]).astype(weighted_points.dtype)
+  cell_mass = mass @ onehot
+  sums = onehot.T @ weighted_points
   centroids = sums / jnp.maximum(cell_mass, _TINY)[:, None]
   return jnp.where(cell_mass[:, None] > 0, centroids, support), cell_mass
 
@@ -425,10 +444,12 @@ def _balanced(
     mass: jax.Array,
     sq_norms: jax.Array,
     support: jax.Array,
+    g: jax.Array,
     opts: BarycenterOptions,
     estimate_cost: bool,
 ) -> tuple[jax.Array, jax.Array]:
-  """Uniform-weight fixed-point iterations from ``support``.
+  """The Laguerre polish: hard-cell fixed-point iterations from ``support`` f32[k, d] and
+  potentials ``g`` f32[k] (zeros, or a warm start from an entropic plan).
 
   Returns:
     (support f32[k, d], a W2^2 estimate f32[] when ``estimate_cost``, else 0).
@@ -452,24 +473,59 @@ def _balanced(
     moved = jnp.where(step > 0, jnp.sum(jnp.where(new_labels != labels, mass, 0.0)), jnp.inf)
     return support, g, new_labels, moved, step + 1
 
-  def soft_step(carry, rel):
-    support, g = carry
-    cost = _sq_dists(points, sq_norms, support)
-    eps = rel * _mean_cost(cost, mass, w)
-    g, plan = _solve_semidual(cost, mass, w, g, eps, opts.tolerance, opts.max_newton_steps)
-    t = plan * mass[:, None]
-    support = (t.T @ points) / jnp.maximum(jnp.sum(t, 0), _TINY)[:, None]
-    return (support, g), None
-
-  g = jnp.zeros((k,), points.dtype)
-  if opts.anneal:
-    (support, g), _ = jax.lax.scan(soft_step, (support, g), jnp.asarray(opts.anneal, points.dtype))
+  # F is invariant to g + c; centring keeps float32 potentials small.
+  g = (g - jnp.mean(g)).astype(points.dtype)
   labels = jnp.zeros(points.shape[0], jnp.int32)
   state = (support, g, labels, jnp.asarray(jnp.inf, points.dtype), 0)
   support, g, _, _, _ = jax.lax.while_loop(cond, body, state)
   if not estimate_cost:
     return support, jnp.zeros((), points.dtype)
-  return support, _dual_w2(_sq_dists(points, sq_norms, support), mass, w, g)
+  # Enough to rank starts, whose costs differ by percents: the unregularised semi-dual at the
+  # last potentials (a lower bound on W2^2, weak duality, close once the cells have settled),
+  # one O(nkd) pass where the near-exact _dual_w2 would anneal four more solves.
+  cost = _sq_dists(points, sq_norms, support)
+  return support, jnp.sum(w * g) + mass @ jnp.min(cost - g, 1)
+
+
+def _anneal(
+    points: jax.Array, mass: jax.Array, support: jax.Array, opts: BarycenterOptions
+) -> tuple[jax.Array, jax.Array]:
+  """Annealed entropic fixed-point stages through OTT-JAX's Sinkhorn.
+
+  Stage s solves the entropic plan P between the points (masses ``mass``) and the support
+  (uniform weights) at epsilon = anneal[s] x (mean cost at the start) with OTT's ``Sinkhorn`` on
+  a ``Geometry`` of the squared-Euclidean cost matrix, warm-started from the previous stage's
+  potentials, then moves each support point to the barycentre of its column of P.
+
+  Returns:
+    (support f32[k, d], OTT's potentials g f32[k] of the last stage, a warm start for the
+    polish's semi-dual).
+  """
+  from ott.geometry import geometry  # noqa: PLC0415 - keeps `import wmdd_jax` light
+  from ott.problems.linear import linear_problem  # noqa: PLC0415
+  from ott.solvers.linear import sinkhorn  # noqa: PLC0415
+
+  k = support.shape[0]
+  w = jnp.full((k,), 1.0 / k, points.dtype)
+  sq_norms = jnp.sum(points * points, -1)
+  scale = _mean_cost(_sq_dists(points, sq_norms, support), mass, w)
+  solver = sinkhorn.Sinkhorn(threshold=opts.sinkhorn_threshold,
+                             max_iterations=opts.sinkhorn_iterations, inner_iterations=5)
+
+  def stage(carry, rel):
+    support, f, g = carry
+    # The cost matrix once per stage: a PointCloud geometry would recompute it (an n x k x d
+    # matmul) in every Sinkhorn iteration.
+    geom = geometry.Geometry(cost_matrix=_sq_dists(points, sq_norms, support),
+                             epsilon=rel * scale)
+    out = solver(linear_problem.LinearProblem(geom, mass, w), init=(f, g))
+    plan = out.matrix
+    support = (plan.T @ points) / jnp.maximum(jnp.sum(plan, 0), _TINY)[:, None]
+    return (support, out.f, out.g), None
+
+  init = (jnp.zeros(points.shape[:1], points.dtype), jnp.zeros((k,), points.dtype))
+  (support, _, g), _ = jax.lax.scan(stage, (support, *init), jnp.asarray(opts.anneal, points.dtype))
+  return support, g
 
 
 def _ott_barycenter(points: jax.Array, mass: jax.Array, support: jax.Array,
@@ -490,6 +546,44 @@ def _ott_barycenter(points: jax.Array, mass: jax.Array, support: jax.Array,
   return solver(problem, bar_size=support.shape[0], x_init=support / scale).x * scale
 
 
+def _kmeans(
+    points: jax.Array,
+    mass: jax.Array,
+    sq_norms: jax.Array,
+    key: jax.Array,
+    num_support: int,
+    candidates: int,
+    starts: int,
+    max_steps: int,
+) -> tuple[jax.Array, jax.Array]:
+  """Weighted k-means through OTT-JAX's ``ott.tools.k_means`` (``starts`` vmapped runs, the
+  lowest inertia kept), seeded by the mass-weighted k-means++ of this module.
+
+  Returns:
+    (centroids f32[k, d], cell masses f32[k]).
+  """
+  from ott.geometry import pointcloud  # noqa: PLC0415
+  from ott.tools import k_means  # noqa: PLC0415
+
+  # OTT's k-means++ ignores point weights and its empty-cluster reallocation picks the farthest
+  # points whatever their mass: padding rows are moved onto a real point (mass stays 0), and
+  # the seeding is ours, which draws by mass.
+  real = points[jnp.argmax(mass)]
+  placed = jnp.where((mass > 0)[:, None], points, real)
+
+  def init(geom, k, rng):
+    del geom
+    return _kmeans_pp(rng, points, mass, sq_norms, k, candidates)
+
+  if max_steps == 0:  # seeding only: the cells of the k-means++ seeds
+    support = _kmeans_pp(key, points, mass, sq_norms, num_support, candidates)
+    labels = jnp.argmin(_sq_dists(points, sq_norms, support), 1)
+    return support, jax.ops.segment_sum(mass, labels, num_support)
+  out = k_means.k_means(pointcloud.PointCloud(placed), num_support, weights=mass, init=init,
+                        n_init=starts, max_iterations=max_steps, rng=key)
+  return out.centroids, jax.ops.segment_sum(mass, out.assignment, num_support)
+
+
 def _solve_one(
     points: jax.Array,
     mass: jax.Array,
@@ -503,44 +597,51 @@ def _solve_one(
   mass = mass.astype(jnp.float32)
   sq_norms = jnp.sum(points * points, -1)
   candidates = opts.init_candidates or 2 + int(math.log(num_support))
+  starts = opts.starts(learn_weights)
   lloyd_steps = opts.lloyd_steps
   if lloyd_steps is None:
-    lloyd_steps = 100 if learn_weights else 3
+    lloyd_steps = 100 if learn_weights else 0 if opts.solver == "annealed" else 3
 
-  # Pruned multi-start: every start runs ``prune_iterations`` balanced iterations, then only the
+  if learn_weights:
+    support, weights = _kmeans(points, mass, sq_norms, key, num_support, candidates, starts,
+                               lloyd_steps)
+    # Cell masses sum to 1 up to round-off; renormalise so downstream code can rely on it.
+    return Barycenter(support, weights / jnp.sum(weights))
+
+  uniform = jnp.full((num_support,), 1.0 / num_support, jnp.float32)
+  # Pruned multi-start: every start runs ``prune_iterations`` polish iterations, then only the
   # best continues.
-  prune = (opts.solver == "semidual" and not learn_weights and opts.num_inits > 1
+  prune = (opts.solver != "ott" and starts > 1
            and 0 < opts.prune_iterations < opts.num_iterations)
   start_opts = dataclasses.replace(opts, num_iterations=opts.prune_iterations) if prune else opts
 
   def run(key):
     support = _kmeans_pp(key, points, mass, sq_norms, num_support, candidates)
-    support, cell_mass, kmeans_cost = _lloyd(points, mass, sq_norms, support, lloyd_steps)
-    if learn_weights:
-      return support, cell_mass, kmeans_cost
+    support, _, kmeans_cost = _lloyd(points, mass, sq_norms, support, lloyd_steps)
     if opts.solver == "ott":
-      return _ott_barycenter(points, mass, support, opts), jnp.full(
-          (num_support,), 1.0 / num_support, jnp.float32), kmeans_cost
-    support, cost = _balanced(points, mass, sq_norms, support, start_opts, opts.num_inits > 1)
-    return support, jnp.full((num_support,), 1.0 / num_support, jnp.float32), cost
+      return _ott_barycenter(points, mass, support, opts), kmeans_cost
+    g = jnp.zeros((num_support,), jnp.float32)
+    if opts.solver == "annealed" and opts.anneal:
+      support, g = _anneal(points, mass, support, opts)
+    support, cost = _balanced(points, mass, sq_norms, support, g, start_opts, starts > 1)
+    return support, cost
 
-  if opts.num_inits == 1:
-    support, weights, _ = run(key)
+  if starts == 1:
+    support, _ = run(key)
   else:
-    # One start after another (a scan, not a vmap): vmapped, every start's while loops would run
+    # One start after another (lax.map, not vmap): vmapped, every start's while loops would run
     # until the slowest converges and the semi-dual's fast-path cond would compute both branches,
     # about 20x one start instead of num_inits x (bench/barycenter.py).
-    supports, weights, costs = jax.lax.map(run, jax.random.split(key, opts.num_inits))
+    supports, costs = jax.lax.map(run, jax.random.split(key, starts))
     # Starts within 1e-5 (relative) of the best count as tied and the first of them wins, so
     # float round-off (vmapped over classes or not) does not flip the choice between them.
     best = jnp.argmax(costs <= jnp.min(costs) * (1 + 1e-5) + 1e-30)
-    support, weights = supports[best], weights[best]
+    support = supports[best]
     if prune:
-      rest = dataclasses.replace(opts, num_iterations=opts.num_iterations - opts.prune_iterations,
-                                 anneal=())
-      support, _ = _balanced(points, mass, sq_norms, support, rest, False)
-  # Learned cell masses sum to 1 up to round-off; renormalise so downstream code can rely on it.
-  return Barycenter(support, weights / jnp.sum(weights))
+      rest = dataclasses.replace(opts, num_iterations=opts.num_iterations - opts.prune_iterations)
+      support, _ = _balanced(points, mass, sq_norms, support, jnp.zeros_like(uniform), rest,
+                             False)
+  return Barycenter(support, uniform)
 
 
 _solve_jit = jax.jit(_solve_one, static_argnums=(3, 4, 5),
@@ -576,8 +677,10 @@ def class_solver(num_support: int, *, learn_weights: bool = False, **solver_opti
   them. Exposed for ahead-of-time memory analysis (``solve.lower(...)``).
   """
   _check_num_support(num_support)
+  opts = _options(solver_options)
+  _check_solver(opts, learn_weights)
   return functools.partial(_solve_classes_jit, num_support=int(num_support),
-                           learn_weights=bool(learn_weights), opts=_options(solver_options))
+                           learn_weights=bool(learn_weights), opts=opts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -623,9 +726,7 @@ def free_support_barycenter(
       or an unknown option.
   """
   opts = _options(solver_options)
-  if opts.solver not in ("semidual", "ott") or (opts.solver == "ott" and learn_weights):
-    raise ConfigError(f"barycenter solver={opts.solver!r}: use 'semidual', or 'ott' with "
-                      "uniform weights (OTT's barycenter does not learn weights).")
+  _check_solver(opts, learn_weights)
   points = jnp.asarray(points)
   if points.ndim != 2 or not jnp.issubdtype(points.dtype, jnp.floating):
     raise ShapeError(
@@ -729,6 +830,7 @@ def class_barycenters(
     ConfigError: labels out of range, or a class with fewer than num_support points.
   """
   opts = _options(solver_options)
+  _check_solver(opts, learn_weights)
   _check_num_support(num_support)
   feats = np.asarray(features)
   labels = np.asarray(labels)
@@ -824,6 +926,13 @@ def w2_cost(
   eps = 0.05 * _mean_cost(cost, mass, w)
   g, _ = _solve_semidual(cost, mass, w, jnp.zeros_like(w), eps, 1e-5, 100)
   return _dual_w2(cost, mass, w, g, epsilon)
+
+
+def _check_solver(opts: BarycenterOptions, learn_weights: bool) -> None:
+  if opts.solver == "ott" and learn_weights:
+    raise ConfigError("barycenter solver='ott' learns no weights (OTT's FreeWassersteinBarycenter "
+                      "keeps them uniform); use solver='annealed' with learn_weights, or "
+                      "learn_weights=False.")
 
 
 def _check_num_support(num_support: Any) -> None:
