@@ -7,9 +7,9 @@
 Re-running with the same --workdir loads finished stages and continues an interrupted recover;
 a finished stage whose settings this run changes is refused, naming the fields and the files to
 delete (``<workdir>/fingerprints.json``). One run at a time per workdir (``<workdir>/.lock``).
-Several hosts: run the same command in each, with WMDD_COORDINATOR=host0:port,
-WMDD_NUM_PROCESSES=N and WMDD_PROCESS_ID=i set, and a --workdir they all see (README, "Scaling
-out").
+Several hosts: run the same command in each, with a --workdir they all see; on a cluster JAX
+detects (Slurm, Open MPI, TPU VMs) nothing else is needed, elsewhere set WMDD_COORDINATOR=
+host0:port, WMDD_NUM_PROCESSES=N and WMDD_PROCESS_ID=i (README, "Scaling out").
 """
 
 import sys

@@ -664,12 +664,12 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True,
   settings (``fingerprints.json``, see the module docstring); a stage computed with others is
   refused, never silently reused.
 
-  Several processes (``WMDD_COORDINATOR``/``WMDD_NUM_PROCESSES``/``WMDD_PROCESS_ID``, see
-  :func:`wmdd_jax.distributed.initialize_distributed`) each call ``run`` with the same config
-  and a ``workdir`` they all see (a shared file system). Every process computes every stage over one
-  mesh of all devices, reading its own shard of the statistics pass; process 0 writes the files
-  and logs (and holds the workdir's lock), the others wait for them; Orbax checkpoints are
-  written collectively.
+  Several processes (a cluster JAX detects, or ``WMDD_COORDINATOR``/``WMDD_NUM_PROCESSES``/
+  ``WMDD_PROCESS_ID``, see :func:`wmdd_jax.distributed.initialize_distributed`) each call ``run``
+  with the same config and a ``workdir`` they all see (a shared file system). Every process computes
+  every stage over one mesh of all devices, reading its own shard of the statistics pass; process 0
+  writes the files and logs (and holds the workdir's lock), the others wait for them; Orbax
+  checkpoints are written collectively.
 
   Raises:
     ConfigError: an unknown field or method, a bad option, mesh mode or units value (units > 0
@@ -682,7 +682,7 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True,
   if stop_after not in (None, *STAGES):
     raise ConfigError(f"stop_after={stop_after!r} is not one of {STAGES} (or None: every stage).")
   stop_after = stop_after or ("evaluate" if evaluate else "synset")
-  sharding.initialize_distributed()  # a no-op unless WMDD_COORDINATOR is set
+  sharding.initialize_distributed()  # a no-op without a detected cluster or WMDD_COORDINATOR
   config = config_lib.complete(config)  # every field present; an unknown one fails here
   if config.debug:
     config = debug_config(config)
