@@ -36,6 +36,32 @@ def test_options_are_checked():
     ExecutionOptions(memory_budget_bytes=1.5)
 
 
+def test_compiler_options_are_per_program_and_cpu_only():
+  from wmdd_jax.distributed import execution as execution_lib
+
+  with pytest.raises(ConfigError, match="compiler_options"):
+    ExecutionOptions(compiler_options="fast")
+  none = make_execution(ExecutionOptions(mesh="off", compiler_options="none"))
+  auto = make_execution(ExecutionOptions(mesh="on", units=2))
+  assert none.compiler == "none" and auto.compiler == "auto"
+  assert none.compiler_options("recover_step") is None
+  assert auto.compiler_options("recover_step") is None  # units: bit-identity first
+  auto = make_execution(ExecutionOptions(mesh="off"))
+  assert auto.compiler_options("") is None  # unnamed programs (the teacher) keep XLA's defaults
+  expected = dict(execution_lib.CPU_PROGRAM_OPTIONS["recover_step"])
+  if jax.default_backend() == "cpu":
+    assert auto.compiler_options("recover_step") == expected
+    assert auto.compiler_options("student_step") == expected
+  else:
+    assert auto.compiler_options("recover_step") is None
+  # A name this jaxlib does not know is dropped, not an error.
+  assert not execution_lib._accepted((("xla_cpu_no_such_option", ""),))
+  # The options compile and give the same numbers as XLA's defaults.
+  f = lambda x: jnp.sum(jnp.sin(x) * x)
+  x = jnp.linspace(0.0, 1.0, 64)
+  np.testing.assert_allclose(auto.jit(f, program="recover_step")(x), jax.jit(f)(x), rtol=1e-6)
+
+
 def test_make_execution_follows_the_options():
   assert type(make_execution(ExecutionOptions(mesh="off"))) is Execution
   assert type(make_execution(ExecutionOptions(mesh="on"))) is Sharded

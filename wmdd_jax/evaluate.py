@@ -211,11 +211,13 @@ def make_student_step(
 
   The views (:func:`student_views`) are made once for the batch, then the shares
   (:func:`student_share`) and one AdamW update of the student in train mode; ``state`` is
-  donated. It returns ``(state, loss f32[])``.
+  donated. It returns ``(state, loss f32[])``. Compiled as a ``"student_step"`` program (its
+  compile options: :class:`~wmdd_jax.distributed.ExecutionOptions` ``compiler_options``).
   """
   return (execution or Execution()).gradient_step(
       student_share(student_model, teacher_model, options), _apply_student,
-      weights_of=lambda s: (s.params, s.batch_stats), prepare=student_views(options))
+      weights_of=lambda s: (s.params, s.batch_stats), prepare=student_views(options),
+      program="student_step")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -381,7 +381,9 @@ def make_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: An
 
   The inputs are laid out as ``execution.chunk_placement`` puts them (on a mesh: split along
   the class axis); the new state keeps that layout (so the donated buffers are reused) and the
-  metrics are whole, so every process can read them.
+  metrics are whole, so every process can read them. The step is compiled by
+  ``execution.jit(program="recover_step")``, with that kind of program's compile options
+  (:class:`~wmdd_jax.distributed.ExecutionOptions` ``compiler_options``).
   """
   execution = execution or Execution()
   tx = make_optimizer(options)
@@ -408,15 +410,19 @@ def make_update_fn(model: nn.Module, options: RecoverOptions, mean: Any, std: An
     return (execution.constrain_classes(new, images.shape[0]),
             execution.constrain_whole(metrics))
 
-  step = jax.jit(lambda state, variables, targets, class_ids, key: one_step(
-      state, None, variables, targets, class_ids, key), donate_argnums=(0,))
+  # Compiled as the execution compiles a recover step (on CPU: without YNNPACK's convolution
+  # fusion, measured faster in bench/official.py).
+  step = execution.jit(lambda state, variables, targets, class_ids, key: one_step(
+      state, None, variables, targets, class_ids, key), program="recover_step",
+      donate_argnums=(0,))
 
   if options.scan:
     def run(state, variables, targets, class_ids, key, num_steps):
       body = lambda carry, x: one_step(carry, x, variables, targets, class_ids, key)
       return jax.lax.scan(body, state, None, length=num_steps)
 
-    fused = jax.jit(run, static_argnames=("num_steps",), donate_argnums=(0,))
+    fused = execution.jit(run, program="recover_step", static_argnames=("num_steps",),
+                          donate_argnums=(0,))
     fused.step = step
     return fused
 

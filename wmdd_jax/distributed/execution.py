@@ -18,6 +18,11 @@ deterministic work units (:class:`Units`, bit-identical for any device count; se
 Batches enter as host (numpy) rows; :meth:`Execution.pad_multiple` says what a batch's row count
 must divide by, :meth:`Execution.put_rows` places them and :meth:`Execution.rows_to_host` brings
 split outputs back. :func:`make_execution` builds the one a config asks for.
+
+How each program is compiled is decided here too: :meth:`Execution.jit` names the kind of
+program (``"recover_step"``, ``"student_step"``, ...) and gets the XLA compile options that the
+run's ``compiler_options`` mode gives it (:func:`program_compiler_options`), so a choice measured
+for one kind of program (bench/official.py) does not leak into the others.
 """
 
 from __future__ import annotations
@@ -32,7 +37,48 @@ from jax.sharding import Mesh
 
 from wmdd_jax.distributed import memory, sharding
 from wmdd_jax.distributed import units as units_lib
-from wmdd_jax.distributed.options import ExecutionOptions
+from wmdd_jax.distributed.options import COMPILER_MODES, ExecutionOptions
+
+# XLA:CPU compile options per kind of program, each measured against XLA's defaults in
+# interleaved rounds on the development CPU (2 cores; bench/official.py, bench/step.py). The
+# convolutions of ResNet steps went to YNNPACK, which kept ~1.4 of the 2 cores busy; XLA's own
+# convolution runtime keeps both busy for about the same CPU time. Not every program gains (a
+# ConvNet teacher's train step was ~10% slower without YNNPACK), so this is per program.
+_NO_YNN = (("xla_cpu_experimental_ynn_fusion_type", ""),)
+CPU_PROGRAM_OPTIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "recover_step": _NO_YNN,
+    "student_step": _NO_YNN,
+}
+
+
+@functools.cache
+def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
+  """Whether this jaxlib's XLA knows every option (an unknown name fails compilation)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(np.float32(0)).compile()
+  except Exception:  # noqa: BLE001 - XLA raises its runtime error type for unknown options
+    return False
+  return True
+
+
+def program_compiler_options(program: str, mode: str = "auto") -> dict[str, str] | None:
+  """The XLA compile options of a kind of program under a ``compiler_options`` mode.
+
+  Args:
+    program: the kind of program, e.g. "recover_step", "student_step" ("" or an unknown kind:
+      none).
+    mode: "auto" (:data:`CPU_PROGRAM_OPTIONS` on the CPU backend, when this jaxlib accepts
+      them) or "none" (XLA's defaults).
+
+  Returns:
+    A dict for ``jax.jit(..., compiler_options=)``, or None for XLA's defaults.
+  """
+  if mode not in COMPILER_MODES:
+    raise ValueError(f"compiler_options mode {mode!r} is not one of {COMPILER_MODES}")
+  options = CPU_PROGRAM_OPTIONS.get(program)
+  if mode == "none" or not options or jax.default_backend() != "cpu" or not _accepted(options):
+    return None
+  return dict(options)
 
 
 class Execution:
@@ -41,10 +87,23 @@ class Execution:
   Attributes:
     mesh: the device mesh, or None (one device).
     units: the number of work units per batch (0: none).
+    compiler: the ``compiler_options`` mode of :class:`ExecutionOptions` ("auto" or "none").
   """
 
   mesh: Mesh | None = None
   units: int = 0
+  compiler: str = "auto"
+
+  def __init__(self, *, compiler: str = "auto"):
+    self.compiler = compiler
+
+  def compiler_options(self, program: str) -> dict[str, str] | None:
+    """XLA compile options for a kind of program (:func:`program_compiler_options`)."""
+    return program_compiler_options(program, self.compiler)
+
+  def jit(self, fn: Callable, *, program: str, **jit_kwargs: Any) -> Callable:
+    """``jax.jit(fn, **jit_kwargs)`` compiled with the options of ``program``'s kind."""
+    return jax.jit(fn, compiler_options=self.compiler_options(program), **jit_kwargs)
 
   @property
   def devices(self) -> list[jax.Device]:
@@ -205,7 +264,7 @@ class Execution:
 
   def gradient_step(self, share: Callable, apply: Callable, *,
                     weights_of: Callable[[Any], Any],
-                    prepare: Callable | None = None) -> Callable:
+                    prepare: Callable | None = None, program: str = "") -> Callable:
     """One optimiser step over a batch, as ``step(state, shared, rows, key, step) -> (state,
     metrics)``; ``state`` is donated.
 
@@ -220,6 +279,7 @@ class Execution:
       prepare: optional ``prepare(*rows_in) -> rows``: a whole-batch computation (e.g. the
         student's views, mixed across the batch) that runs once before the shares; ``rows``
         given to the step are then its inputs.
+      program: the kind of program, for its compile options (:meth:`jit`).
     """
 
     def whole(state, shared, rows, key, step):
@@ -229,22 +289,23 @@ class Execution:
       outs = share(weights_of(state), shared, rows, jax.random.fold_in(key, step), batch)
       return apply(state, outs)
 
-    return self._jit_step(whole, prepared=prepare is not None)
+    return self._jit_step(whole, prepared=prepare is not None, program=program)
 
   # Hooks of the sharded execution.
   def _split_rows(self, rows):
     return rows
 
-  def _jit_step(self, whole, prepared):
+  def _jit_step(self, whole, prepared, program):
     del prepared
-    return jax.jit(whole, donate_argnums=(0,))
+    return self.jit(whole, program=program, donate_argnums=(0,))
 
 
 class Sharded(Execution):
   """Programs partitioned over a 1-D mesh by XLA: batches split along the mesh axis, constants
   replicated (equal to one device up to float round-off; several processes allowed)."""
 
-  def __init__(self, mesh: Mesh):
+  def __init__(self, mesh: Mesh, *, compiler: str = "auto"):
+    super().__init__(compiler=compiler)
     self.mesh = mesh
 
   @property
@@ -284,7 +345,7 @@ class Sharded(Execution):
   def local(self):
     if jax.process_count() == 1:
       return self
-    return Sharded(sharding.make_mesh(jax.local_devices()))
+    return Sharded(sharding.make_mesh(jax.local_devices()), compiler=self.compiler)
 
   def row_pass(self, fn, num_shared, gathered):
     rep, split = sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)
@@ -354,13 +415,13 @@ class Sharded(Execution):
     split = sharding.batch_sharding(self.mesh)
     return tuple(jax.lax.with_sharding_constraint(r, split) for r in rows)
 
-  def _jit_step(self, whole, prepared):
+  def _jit_step(self, whole, prepared, program):
     # Rows split over the mesh; inputs of a whole-batch ``prepare`` replicated (it splits its
     # result itself).
     rep = sharding.replicated(self.mesh)
     rows = rep if prepared else sharding.batch_sharding(self.mesh)
-    return jax.jit(whole, donate_argnums=(0,), in_shardings=(rep, rep, rows, rep, rep),
-                   out_shardings=rep)
+    return self.jit(whole, program=program, donate_argnums=(0,),
+                    in_shardings=(rep, rep, rows, rep, rep), out_shardings=rep)
 
 
 class _RowPass:
@@ -394,7 +455,8 @@ class Units(Execution):
   ``units`` fixed parts, unit g's single-device program on device g % D, results combined in
   unit order on the first device. Bit-identical for any device count; one process only."""
 
-  def __init__(self, units: int, mesh: Mesh | None = None):
+  def __init__(self, units: int, mesh: Mesh | None = None, *, compiler: str = "auto"):
+    super().__init__(compiler=compiler)
     self.units = units_lib.check_units(units)
     self._devices = units_lib.devices_of(mesh)
     self.mesh = mesh
@@ -413,6 +475,14 @@ class Units(Execution):
   @property
   def fixed_batches(self):
     return False
+
+  def compiler_options(self, program):
+    # Bit-identity for any device count is what units are for. XLA:CPU's own convolutions (what
+    # the CPU options pick instead of YNNPACK) are split into as many parts as the host has
+    # devices, which changes their round-off (tests/test_parallel.py's 1- vs 4-device run), so
+    # units keep XLA's defaults.
+    del program
+    return None
 
   @property
   def chunk_wave(self):
@@ -441,8 +511,8 @@ class Units(Execution):
   def sum_pass(self, fn, num_shared):
     return _UnitPass(jax.jit(fn), num_shared, self, sums=True)
 
-  def gradient_step(self, share, apply, *, weights_of, prepare=None):
-    return _UnitStep(self, share, apply, weights_of, prepare)
+  def gradient_step(self, share, apply, *, weights_of, prepare=None, program=""):
+    return _UnitStep(self, share, apply, weights_of, prepare, program)
 
 
 class _Replicas:
@@ -485,7 +555,7 @@ class _UnitStep:
   """A gradient step as units: shares on devices g % D, summed in order on the first device,
   which updates the state."""
 
-  def __init__(self, execution: Units, share, apply, weights_of, prepare):
+  def __init__(self, execution: Units, share, apply, weights_of, prepare, program):
     self.ex = execution
     self.prepare = None if prepare is None else jax.jit(prepare)
 
@@ -495,7 +565,7 @@ class _UnitStep:
     def combine(state, outs):
       return apply(state, units_lib.fold_sum(outs))
 
-    self.unit = jax.jit(unit)
+    self.unit = execution.jit(unit, program=program)  # the share: the convolutions
     self.apply = jax.jit(combine, donate_argnums=(0,))
     self.weights_of = weights_of
     self.shared_copies, self.keys = _Replicas(execution), _Replicas(execution)
@@ -583,11 +653,12 @@ def make_execution(options: ExecutionOptions | None = None, *,
   count = len(devices) if devices is not None else jax.device_count()
   want_mesh = options.mesh == "on" or (options.mesh == "auto" and count > 1)
   mesh = sharding.make_mesh(devices) if want_mesh else None
+  compiler = options.compiler_options
   if options.units:
-    return Units(options.units, mesh)
+    return Units(options.units, mesh, compiler=compiler)
   if mesh is not None:
-    return Sharded(mesh)
-  return Execution()
+    return Sharded(mesh, compiler=compiler)
+  return Execution(compiler=compiler)
 
 
 def local_execution() -> Execution:
@@ -603,4 +674,5 @@ def from_mesh(mesh: Mesh | None = None, units: int = 0) -> Execution:
   return Execution() if mesh is None else Sharded(mesh)
 
 
-__all__ = ["Execution", "Sharded", "Units", "from_mesh", "local_execution", "make_execution"]
+__all__ = ["CPU_PROGRAM_OPTIONS", "Execution", "Sharded", "Units", "from_mesh", "local_execution",
+           "make_execution", "program_compiler_options"]

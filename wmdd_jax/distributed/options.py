@@ -9,6 +9,7 @@ import numpy as np
 from wmdd_jax.errors import ConfigError
 
 MESH_MODES = ("auto", "on", "off")
+COMPILER_MODES = ("auto", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,15 +25,26 @@ class ExecutionOptions:
       round-off. N > 0: every batch cut into N deterministic work units, so a run is
       bit-identical for any device count (one process only; train-mode BN then normalises per
       unit).
+    compiler_options: how each compiled program is built. "auto": on the CPU backend, the XLA
+      options measured faster for that kind of program (recover's step and the student's step
+      compile without XLA:CPU's YNNPACK convolution fusion, which kept only ~1.4 of 2 cores busy;
+      :data:`wmdd_jax.distributed.execution.CPU_PROGRAM_OPTIONS`, bench/official.py), XLA's
+      defaults elsewhere, on other backends and under ``units`` (whose bit-identity across
+      device counts those options would break); options this jaxlib does not know are dropped.
+      "none": XLA's defaults for every program. The numbers agree to float round-off.
   """
 
   mesh: str = "auto"
   memory_budget_bytes: int = 0
   units: int = 0
+  compiler_options: str = "auto"
 
   def __post_init__(self):
     if self.mesh not in MESH_MODES:
       raise ConfigError(f"parallel.mesh={self.mesh!r} is not one of {MESH_MODES}.")
+    if self.compiler_options not in COMPILER_MODES:
+      raise ConfigError(f"parallel.compiler_options={self.compiler_options!r} is not one of "
+                        f"{COMPILER_MODES} ('none': XLA's defaults).")
     for name in ("memory_budget_bytes", "units"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:

@@ -10,6 +10,7 @@ positions. Those per-sample moments are all that per-class statistics need: pool
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any, NamedTuple
 
@@ -41,6 +42,149 @@ class ModelOutput(NamedTuple):
   bn_var: tuple[jax.Array, ...]
 
 
+def _sum_positions(y: jax.Array) -> jax.Array:
+  """f32[B, P, C] -> f32[B, C]: the sum over positions, by pairwise halving.
+
+  Each halving adds two contiguous [B, P/2, C] slices, so every read runs along the channels
+  (XLA:CPU's reduction over the middle axis of [B, H, W, C] walks the channels with a stride
+  and was the largest non-convolution cost of the recover step without YNNPACK; this form is
+  as fast with it, and pairwise sums are at least as accurate).
+  """
+  n = y.shape[1]
+  while n > 1:
+    half = n // 2
+    folded = y[:, :half] + y[:, half:2 * half]
+    if n % 2:  # the odd position joins the first
+      folded = jnp.concatenate([folded[:, :1] + y[:, 2 * half:], folded[:, 1:]], axis=1)
+    y, n = folded, half
+  return y[:, 0]
+
+
+@jax.custom_vjp
+def spatial_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-sample mean and biased variance over the positions of a channels-last map.
+
+  Args:
+    x: f32[B, P, C] (a [B, H, W, C] map with its positions flattened).
+
+  Returns:
+    (mean f32[B, C], var f32[B, C]); the variance is two-pass (no E[x^2] - E[x]^2
+    cancellation).
+
+  The gradient is the closed form ``dx = (g_mean + 2 g_var (x - mean)) / P``: autodiff of the
+  two-pass variance would also reduce ``g_var * (x - mean)`` over every position for the
+  mean's path, a sum that is 0 up to round-off.
+  """
+  return _moments_forward(x)[0]
+
+
+def _moments_forward(x):
+  p = x.shape[1]
+  mean = _sum_positions(x) / p
+  centred = x - mean[:, None, :]
+  var = _sum_positions(centred * centred) / p
+  return (mean, var), (x, mean)
+
+
+def _moments_backward(residual, grads):
+  x, mean = residual
+  g_mean, g_var = grads
+  p = x.shape[1]
+  return ((g_mean[:, None, :] + 2.0 * g_var[:, None, :] * (x - mean[:, None, :])) / p,)
+
+
+spatial_moments.defvjp(_moments_forward, _moments_backward)
+
+
+def reference_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """:func:`spatial_moments` as plain ``jnp.mean`` calls under autodiff (what the models used
+  before; kept for tests and the before/after benchmark, bench/official.py)."""
+  mean = jnp.mean(x, axis=1)
+  return mean, jnp.mean(jnp.square(x - mean[:, None, :]), axis=1)
+
+
+# Whether float32 [B, H, W, C] maps use :class:`_BatchNorm` (read when a model is traced; False:
+# flax's ``nn.BatchNorm`` everywhere, as before issue 15, for the before/after benchmark).
+FAST_BATCH_NORM = True
+
+
+def _sum_rows_positions(x: jax.Array) -> jax.Array:
+  """f32[B, P, C] -> f32[C]: pairwise sums over each sample's positions, then over samples (the
+  batch axis last, so a batch split over devices needs one small all-reduce)."""
+  return jnp.sum(_sum_positions(x), axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _train_batch_norm(x, scale, bias, epsilon):
+  """Train-mode batch normalisation of f32[B, P, C] as ``nn.BatchNorm`` computes it.
+
+  Flax's statistics (mean, and the variance as ``max(0, E[x^2] - E[x]^2)``, biased) and
+  normalisation ``(x - mean) * (rsqrt(var + eps) * scale) + bias``, with the sums as pairwise
+  halvings (:func:`_sum_positions`) and the gradient in closed form, whose reductions are the
+  same fast sums: XLA:CPU reduces [B, H, W, C] over everything but the channels one channel at
+  a time, strided, which made these reductions a large part of the student's step.
+
+  Returns:
+    (y f32[B, P, C], mean f32[C], var f32[C]).
+  """
+  return _train_batch_norm_forward(x, scale, bias, epsilon)[0]
+
+
+def _train_batch_norm_forward(x, scale, bias, epsilon):
+  n = x.shape[0] * x.shape[1]
+  mean = _sum_rows_positions(x) / n
+  var = jnp.maximum(0.0, _sum_rows_positions(x * x) / n - mean * mean)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  y = (x - mean) * (rstd * scale) + bias
+  return (y, mean, var), (x, mean, rstd, scale)
+
+
+def _train_batch_norm_backward(epsilon, residual, grads):
+  del epsilon
+  x, mean, rstd, scale = residual
+  dy, d_mean, d_var = grads
+  n = x.shape[0] * x.shape[1]
+  centred = x - mean
+  xhat = centred * rstd
+  d_bias = _sum_rows_positions(dy)
+  d_scale = _sum_rows_positions(dy * xhat)
+  # d/dx of (x - mean(x)) * rstd(x): the textbook batch-norm gradient; then the paths through
+  # the returned statistics (zero when only the running averages read them).
+  dx = (scale * rstd / n) * (n * dy - d_bias - xhat * d_scale)
+  dx = dx + d_mean / n + d_var * (2.0 / n) * centred
+  return dx, d_scale, d_bias
+
+
+_train_batch_norm.defvjp(_train_batch_norm_forward, _train_batch_norm_backward)
+
+
+class _BatchNorm(nn.Module):
+  """``nn.BatchNorm`` (feature axis last, float32) with the same variables (``scale``, ``bias``,
+  ``batch_stats`` ``mean`` / ``var``) and values up to round-off, for [B, H, W, C] inputs; its
+  train mode uses :func:`_train_batch_norm`."""
+
+  momentum: float
+  epsilon: float
+  scale_init: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    ch = x.shape[-1]
+    initializing = self.is_initializing()
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (ch,))
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (ch,))
+    scale = self.param("scale", self.scale_init, (ch,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (ch,), jnp.float32)
+    if not train:
+      return (x - ra_mean.value) * (jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
+    flat = x.reshape(x.shape[0], -1, ch)
+    y, mean, var = _train_batch_norm(flat, scale, bias, self.epsilon)
+    if not initializing:
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y.reshape(x.shape)
+
+
 class CapturingBatchNorm(nn.Module):
   """``nn.BatchNorm`` over the last axis that also sows its input's per-sample moments.
 
@@ -59,14 +203,15 @@ class CapturingBatchNorm(nn.Module):
       xf = x.astype(jnp.float32)
       axes = tuple(range(1, x.ndim - 1))
       if axes:
-        mean = jnp.mean(xf, axis=axes)
-        var = jnp.mean(jnp.square(xf - jnp.expand_dims(mean, axes)), axis=axes)
+        mean, var = spatial_moments(xf.reshape(xf.shape[0], -1, xf.shape[-1]))
       else:  # BatchNorm1d on [B, ch]: every sample is one position.
         mean, var = xf, jnp.zeros_like(xf)
       self.sow(BN_COLLECTION, "moments", (mean, var))
       order = getattr(_CALL_ORDER, "paths", None)
       if order is not None:
         order.append(tuple(self.path))
+    if FAST_BATCH_NORM and x.ndim == 4 and self.dtype is None and x.dtype == jnp.float32:
+      return _BatchNorm(self.momentum, self.epsilon, self.scale_init, name="bn")(x, train)
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=self.momentum,
