@@ -108,7 +108,8 @@ RESULT_NEUTRAL: dict[str, tuple[str, ...]] = {
     "recover": ("steps_per_call", "scan", "checkpoint_every"),
     # The test accuracy is a count: the evaluation batch size does not change it.
     "eval": ("eval_batch_size", "progress"),
-    "parallel": ("mesh", "memory_budget_bytes", "units"),
+    # Compile options reorder float sums like the device count does (round-off only).
+    "parallel": ("mesh", "memory_budget_bytes", "units", "compiler_options"),
     # open_dataset options that change how, not what, is read.
     "dataset.options": ("num_workers", "verify", "stats_cache", "load_split_max_bytes",
                         "download"),
