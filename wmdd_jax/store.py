@@ -284,6 +284,18 @@ def _jpeg_grid(images: Any, num_classes: int | None, quality: int) -> list[list[
   return grid
 
 
+def _swap_in(tmp: str, root: str) -> None:
+  """Moves the finished directory ``tmp`` to ``root`` (a sibling), replacing any old ``root``
+  so that a reader never sees a half-written one."""
+  if os.path.exists(root):
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.old-", dir=os.path.dirname(root))
+    os.rename(root, os.path.join(old, "x"))
+    os.rename(tmp, root)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.rename(tmp, root)
+
+
 def write_image_folder(
     root: str | os.PathLike,
     images: Any,
@@ -359,13 +371,7 @@ def write_image_folder(
     if class_names is not None:
       with open(os.path.join(tmp, CLASS_NAMES_FILE), "w") as f:
         f.write("".join(f"{name}\n" for name in class_names))
-    if os.path.exists(root):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.old-", dir=parent)
-      os.rename(root, os.path.join(old, "x"))
-      os.rename(tmp, root)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, root)
+    _swap_in(tmp, root)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -564,13 +570,7 @@ def export_for_pytorch(
                         labels=y.astype(np.int32), weights=w)
     with open(os.path.join(tmp, "README.txt"), "w") as f:
       f.write(_EXPORT_README.format(fmt=EXPORT_FORMAT, soft=_SOFT_README if copied else ""))
-    if os.path.exists(root):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.old-", dir=parent)
-      os.rename(root, os.path.join(old, "x"))
-      os.rename(tmp, root)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, root)
+    _swap_in(tmp, root)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
