@@ -666,7 +666,7 @@ def test_pipeline_runs_as_two_processes(workers):
   expected = {"teacher", "stats.npz", "features.npy", "barycenter.npz", "recover_ckpt",
               "recover_history.npz", "synset", "grid.png", "eval.json", "metrics.json",
               "curves.png", "summary.txt", "config.json", "timings.json",
-              "teacher_metrics.jsonl", "fingerprints.json"}
+              "teacher_metrics.jsonl", "fingerprints.json", "tensorboard"}
   assert set(os.listdir(workdir)) == expected  # no temporary leftovers
   with open(os.path.join(workdir, "teacher_metrics.jsonl")) as f:
     assert len(f.readlines()) == 2  # 2 debug epochs, written by one process only

@@ -56,6 +56,32 @@ def test_metrics_contract_and_files(wmdd_run):
     assert os.path.exists(os.path.join(workdir, name)), name
 
 
+def test_tensorboard_events_and_matplotlib_curves(wmdd_run):
+  """The short run's TensorBoard events hold every stage's scalars under the documented tags,
+  matching the JSON files; curves.png is matplotlib's, one panel per stage."""
+  from PIL import Image
+
+  from wmdd_jax import tracking
+
+  workdir, metrics = wmdd_run
+  with Image.open(os.path.join(workdir, "curves.png")) as img:
+    assert img.info.get("Software", "").startswith("Matplotlib")
+    assert img.size == (3 * 480, 340)  # teacher, recover, student
+  events = os.path.join(workdir, "tensorboard")
+  assert any("tfevents" in name for name in os.listdir(events))
+  pytest.importorskip("tensorflow")
+  scalars = tracking.read_scalars(events)
+  assert set(scalars) <= set(tracking.TAGS)
+  assert [s for s, _ in scalars["teacher/train_loss"]] == [1, 2, 3, 4]
+  assert [s for s, _ in scalars["teacher/test_top1"]] == [4]  # the last epoch is evaluated
+  assert scalars["teacher/test_top1"][0][1] == pytest.approx(metrics["teacher_top1"], abs=1e-4)
+  assert [s for s, _ in scalars["recover/loss"]] == list(range(1, 51))
+  h = np.load(os.path.join(workdir, "recover_history.npz"))
+  np.testing.assert_allclose([v for _, v in scalars["recover/bn"]], h["bn"], rtol=1e-6)
+  assert [s for s, _ in scalars["student/train_loss"]] == [1, 2, 3]
+  assert scalars["student/test_top1"] == [(3, pytest.approx(metrics["test_top1"], abs=1e-4))]
+
+
 def test_recover_on_digits_lowers_feature_and_bn_terms(wmdd_run):
   workdir, _ = wmdd_run
   h = np.load(os.path.join(workdir, "recover_history.npz"))

@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from wmdd_jax import training
+from wmdd_jax import tracking, training
 from wmdd_jax.distributed import Execution
 from wmdd_jax.errors import ConfigError, DataError, NonFiniteError, ShapeError
 from wmdd_jax.models import init_model
@@ -65,7 +64,8 @@ class EvaluateOptions:
     cutmix_alpha: lambda ~ Beta(alpha, alpha).
     use_weights: weight each sample's KL by its barycenter weight (False: plain mean).
     seed: seeds everything when ``train_student`` gets no explicit key.
-    progress: show a tqdm bar over epochs.
+    progress: show progress over epochs: a bar on a terminal, else a log line now and then and
+      one per evaluation (:func:`wmdd_jax.tracking.progress`).
   """
 
   epochs: int = 300
@@ -259,6 +259,7 @@ def train_student(
     options: EvaluateOptions = EvaluateOptions(),
     key: jax.Array | None = None,
     execution: Execution | None = None,
+    writer: tracking.MetricWriter | None = None,
 ) -> StudentResult:
   """Trains a student from scratch on the synthetic set with on-the-fly soft labels.
 
@@ -281,6 +282,9 @@ def train_student(
       device). Sharded: each step's batch split over the mesh by XLA (with several processes
       every process calls this with the same arguments). Work units: student BN statistics per
       unit, and the run is bit-identical for any device count.
+    writer: if set, the ``student/*`` scalars of :mod:`wmdd_jax.tracking` are written there
+      (step: the epoch): the train loss every epoch, test top-1/top-5 at evaluations; from the
+      values the loop already brings to the host.
 
   Returns:
     A StudentResult.
@@ -322,10 +326,10 @@ def train_student(
                                       std=tuple(std))
 
   history: list[EvalRecord] = []
-  bar = tqdm(range(options.epochs), desc="student", unit="epoch", disable=not options.progress,
-             dynamic_ncols=True)
+  bar = tracking.progress(options.epochs, desc="student", unit="epoch",
+                          enabled=options.progress)
   try:
-    for epoch in bar:
+    for epoch in range(options.epochs):
       loss_sum = jnp.zeros((), jnp.float32)
       batches = epoch_batches(shuffle_key, epoch, n, options.batch_size)
       for step, idx in enumerate(batches):
@@ -339,7 +343,8 @@ def train_student(
         raise NonFiniteError(f"The student's KD loss became {train_loss} in epoch {epoch + 1}; "
                              "lower EvaluateOptions.lr, or check the synthetic images and the "
                              "teacher for NaN/Inf.")
-      postfix = {"loss": f"{train_loss:.4g}"}
+      postfix = {"loss": train_loss}
+      scalars = {"student/train_loss": train_loss}
       if test_data is not None and ((epoch + 1) % options.eval_every == 0
                                     or epoch + 1 == options.epochs):
         # A host copy: the evaluation runs on this process's devices only.
@@ -349,8 +354,15 @@ def train_student(
             test_data, mean=tuple(mean), std=tuple(std), batch_size=options.eval_batch_size,
             eval_step=eval_step, execution=eval_execution)
         history.append(EvalRecord(epoch + 1, result["top1"], result["top5"], train_loss))
-        postfix["top1"] = f"{result['top1']:.2f}"
+        postfix["top1"] = result["top1"]
+        scalars.update({"student/test_top1": result["top1"], "student/test_top5": result["top5"]})
+        bar.log(tracking.metrics_line(
+            f"student epoch {epoch + 1}/{options.epochs}",
+            {"train_loss": train_loss, "test_top1": result["top1"], "test_top5": result["top5"]}))
+      if writer is not None:
+        writer.write_scalars(epoch + 1, scalars)
       bar.set_postfix(**postfix)
+      bar.update(1)
   finally:
     bar.close()
 

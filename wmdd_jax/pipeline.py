@@ -17,6 +17,7 @@ Every stage saves its outputs under ``workdir`` and is skipped when they are the
     recover_ckpt/      resumable recover state (Orbax, every recover.checkpoint_every steps)
     synset/            the synthetic set (Orbax + meta.json); grid.png
     eval.json          student results; metrics.json, curves.png, summary.txt
+    tensorboard/       TensorBoard events of the stages run (wmdd_jax.tracking names the tags)
 
 Every stage's record of what it was computed from goes to ``fingerprints.json``: the config
 fields it depends on (less :data:`wmdd_jax.config.RESULT_NEUTRAL`) and the records of the stages
@@ -63,7 +64,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from wmdd_jax import artefacts, checkpoint, fingerprints, methods, statistics, store, training
+from wmdd_jax import (
+    artefacts,
+    checkpoint,
+    fingerprints,
+    methods,
+    statistics,
+    store,
+    tracking,
+    training,
+)
 from wmdd_jax import barycenter as barycenter_lib
 from wmdd_jax import config as config_lib
 from wmdd_jax import evaluate as evaluate_lib
@@ -83,6 +93,8 @@ from wmdd_jax.models.base import running_statistics
 TABLE3_METHODS = methods.TABLE3_METHODS
 STORES = ("float", "jpeg")
 STAGES = ("teacher", "synset", "evaluate")
+TENSORBOARD = "tensorboard"  # the events directory under the workdir
+_RECOVER_TERMS = ("loss", "feature", "bn", "ce")
 
 
 def __getattr__(name: str) -> Any:
@@ -313,7 +325,7 @@ def _teacher_data(dataset, split: str, batch_size: int, seed: int | None):
   return stream, dataset.num_examples(split) // batch_size
 
 
-def _teacher(config, dataset, files, root, timings, log, execution):
+def _teacher(config, dataset, files, root, timings, log, execution, writer):
   model = get_model(config.teacher.model, dataset.num_classes,
                     **config_lib.plain(config.teacher.model_options))
   # teacher.checkpoint: where the teacher is loaded from, or saved to when it is not there yet.
@@ -335,7 +347,7 @@ def _teacher(config, dataset, files, root, timings, log, execution):
         steps_per_epoch=steps_per_epoch, image_shape=dataset.image_shape,
         metrics_path=files.teacher_metrics if artefacts.is_primary() else None,
         progress=artefacts.is_primary(), execution=_teacher_execution(execution),
-        checkpoint_dir=files.teacher_ckpt)
+        checkpoint_dir=files.teacher_ckpt, writer=writer)
     result = training.evaluate(model, variables, test, mean=dataset.mean, std=dataset.std,
                                execution=_teacher_execution(execution))
     meta = checkpoint.teacher_meta(
@@ -453,7 +465,7 @@ def _store_jpeg(config, dataset, images, weights, files, timings, log):
 
 
 def _synthesize(config, dataset, model, variables, files, root, timings, log, execution,
-                ledger):
+                ledger, writer):
   if os.path.exists(files.synset):
     synset = checkpoint.load_synthetic_set(files.synset)
     _check_synset(synset, config, files.synset)
@@ -507,6 +519,7 @@ def _synthesize(config, dataset, model, variables, files, root, timings, log, ex
           resume=ckpt.resume, on_block=ckpt.on_block, execution=execution,
           progress=artefacts.is_primary(), memory_budget_bytes=budget or None)
     history = artefacts.save_recover_history(files.recover_history, history)
+    tracking.write_history(writer, "recover", _recover_terms(history))
     log(f"recover: {options.iterations} steps, final loss {history['loss'][-1]:.4g}")
     if config.recover.store == "jpeg":
       images = _store_jpeg(config, dataset, images, weights, files, timings, log)
@@ -522,7 +535,7 @@ def _synthesize(config, dataset, model, variables, files, root, timings, log, ex
 
 
 def _evaluate(config, dataset, teacher_model, teacher_vars, synset, files, root, timings, log,
-              execution, ledger):
+              execution, ledger, writer):
   result = artefacts.load_eval(files.eval)
   if result is not None:
     ledger.record("evaluate")
@@ -545,7 +558,7 @@ def _evaluate(config, dataset, teacher_model, teacher_vars, synset, files, root,
         student, teacher_model, teacher_vars, images, weights,
         dataset.load_split(config_lib.split(config, "test")),
         mean=dataset.mean, std=dataset.std, options=options, key=stage_key(root, "student"),
-        execution=execution)
+        execution=execution, writer=writer)
   out = {"test_top1": float(result.top1), "test_top5": float(result.top5),
          "best_top1": float(result.best_top1), "best_top5": float(result.best_top5),
          "student": student_name,
@@ -565,18 +578,11 @@ def _report(config, dataset, files, result, history, meta, timings, log, *,
   read-only storage); returns the metrics."""
   if history is None:
     history = artefacts.load_recover_history(files.recover_history)
-  panels = []
-  if history is not None and "loss" in history:
-    steps = np.arange(1, len(history["loss"]) + 1)
-    panels.append(("recover loss (official: per chunk) and terms (per class)",
-                   {k: (steps, history[k]) for k in ("loss", "feature", "bn", "ce")
-                    if k in history and np.nanmax(np.abs(history[k]), initial=0) > 0}))
-  hist = result.get("history", [])
-  if hist:
-    panels.append(("student test top-1 (%)", {"top1": ([h["epoch"] for h in hist],
-                                                      [h["top1"] for h in hist])}))
-  if panels and write:
-    artefacts.save_curves(files.curves, panels)
+  if write:
+    panels = _curve_panels(_teacher_records(files.teacher_metrics), history,
+                           result.get("history", []))
+    if panels:
+      artefacts.save_curves(files.curves, panels)
   metrics = {
       "dataset": config.dataset.spec, "method": config.method, "ipc": int(config.ipc),
       "num_classes": dataset.num_classes, "seed": int(config.seed),
@@ -594,6 +600,57 @@ def _report(config, dataset, files, result, history, meta, timings, log, *,
     artefacts.write_text(files.summary, summary)
   log(summary.strip())
   return metrics
+
+
+def _recover_terms(history: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+  """The recover history's loss and terms, less those zero throughout (switched off)."""
+  if history is None:
+    return {}
+  return {k: np.asarray(history[k]) for k in _RECOVER_TERMS
+          if k in history and np.nanmax(np.abs(history[k]), initial=0) > 0}
+
+
+def _teacher_records(path: str) -> list[dict[str, Any]]:
+  """teacher_metrics.jsonl's records (none when the teacher was loaded; bad lines skipped)."""
+  records = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(record, dict) and "epoch" in record:
+          records.append(record)
+  return records
+
+
+def _curve_panels(teacher: list[dict[str, Any]], history: dict[str, np.ndarray] | None,
+                  student: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+  """curves.png's panels: teacher accuracy, recover loss and terms, student accuracy (those the
+  run has)."""
+  panels: list[tuple[Any, ...]] = []
+  if teacher:
+    series = {"train": ([r["epoch"] for r in teacher],
+                        [r.get("train_top1", np.nan) for r in teacher])}
+    tested = [r for r in teacher if "test_top1" in r]
+    if tested:
+      series["test"] = ([r["epoch"] for r in tested], [r["test_top1"] for r in tested])
+    panels.append(("teacher top-1", series, {"xlabel": "epoch", "ylabel": "top-1 (%)",
+                                             "yscale": "linear"}))
+  terms = _recover_terms(history)
+  if terms:
+    steps = np.arange(1, len(next(iter(terms.values()))) + 1)
+    panels.append(("recover: loss (official: per chunk) and terms (per class)",
+                   {k: (steps, v) for k, v in terms.items()},
+                   {"xlabel": "iteration", "ylabel": "loss (mean over chunks)"}))
+  if student:
+    epochs = [h["epoch"] for h in student]
+    panels.append(("student on the real test split",
+                   {"top-1": (epochs, [h["top1"] for h in student]),
+                    "top-5": (epochs, [h["top5"] for h in student])},
+                   {"xlabel": "epoch", "ylabel": "accuracy (%)", "yscale": "linear"}))
+  return panels
 
 
 def _unfinished(config, files: RunFiles, stop_after: str) -> list[str]:
@@ -724,9 +781,17 @@ def _stages(config, dataset, files: RunFiles, ledger: fingerprints.Ledger, stop_
     if write:
       artefacts.write_timings(files.timings, timings)
 
+  # Events of the stages this run computes (process 0; none when every stage is loaded). Made
+  # before any stage, so its start-up (the TensorFlow import) is in no stage's seconds.
+  events = None
+  if write and artefacts.is_primary() and _unfinished(config, files, stop_after):
+    events = os.path.join(files.workdir, TENSORBOARD)
+  writer = tracking.create_writer(events, log=log)
+  if writer.logdir:
+    log(f"TensorBoard events: tensorboard --logdir {writer.logdir}")
   try:
     model, variables, meta = _teacher(config, dataset, files, root, timings, log,
-                                      run_execution)
+                                      run_execution, writer)
     fingerprints.after_teacher(config, dataset, files, ledger, variables)
     save_timings()
     if stop_after == "teacher":
@@ -735,7 +800,7 @@ def _stages(config, dataset, files: RunFiles, ledger: fingerprints.Ledger, stop_
               "seconds": timings}
     variables = jax.device_put(variables)
     synset, history = _synthesize(config, dataset, model, variables, files, root, timings, log,
-                                  run_execution, ledger)
+                                  run_execution, ledger, writer)
     save_timings()
     mean, std = np.asarray(synset.mean), np.asarray(synset.std)
     if write:
@@ -744,8 +809,9 @@ def _stages(config, dataset, files: RunFiles, ledger: fingerprints.Ledger, stop_
       log(f"synthetic set: {files.synset}, grid: {files.grid}")
       return {"synset": files.synset, "seconds": timings}
     result = _evaluate(config, dataset, model, variables, synset, files, root, timings, log,
-                       run_execution, ledger)
+                       run_execution, ledger, writer)
   finally:
+    writer.close()
     with contextlib.suppress(WorkdirError):  # bookkeeping: never hides the error under way
       save_timings()
   return _report(config, dataset, files, result, history, meta, timings, log, write=write)

@@ -71,8 +71,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
+from wmdd_jax import tracking
 from wmdd_jax.data import transforms
 from wmdd_jax.distributed import Execution, peak_bytes
 from wmdd_jax.errors import ConfigError, NonFiniteError, ShapeError
@@ -538,7 +538,8 @@ def recover(
       continue from (``fresh_state`` gives the structure to restore into), or None.
     on_block: called after every ``steps_per_call`` block with (chunk_index, state, metrics of
       the block); use it to checkpoint or log.
-    progress: show a tqdm bar.
+    progress: show progress (a bar on a terminal, else a log line now and then;
+      :func:`wmdd_jax.tracking.progress`).
     execution: how the chunks run on devices (:mod:`wmdd_jax.distributed`; default: one
       device). On a mesh each chunk's classes are split over the devices (chunks padded to a
       multiple of the device count); with several processes every process runs ``recover`` (on
@@ -614,8 +615,8 @@ def recover(
             for s in range(0, num_classes, chunk)]
   # The teacher and the augmentation key where the chunks read them.
   placed = execution.chunk_constants((variables, aug_key))
-  bar = tqdm(total=len(chunks) * options.iterations, desc="recover", unit="step",
-             disable=not progress, leave=False)
+  bar = tracking.progress(len(chunks) * options.iterations, desc="recover", unit="step",
+                          enabled=progress, leave=False)
 
   def start(index, class_ids):
     state, chunk_targets, ids = start_chunk(
@@ -660,8 +661,8 @@ def recover(
         for k in names:
           history[k][index, done:done + n] = metrics[k]
         live[index][3] = done + n
+        bar.set_postfix(loss=float(metrics["loss"][-1]), chunk=index)
         bar.update(n)
-        bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4g}", chunk=index)
         if on_block is not None:
           on_block(index, live[index][0], metrics)
     for index in wave:

@@ -1,4 +1,5 @@
-"""Results as files: image grids and curves as PNG, metrics as JSON (written atomically)."""
+"""Results as files: image grids as PNG, curves as PNG (matplotlib), metrics as JSON (written
+atomically)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
-
-_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75)]
+from PIL import Image
 
 
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
@@ -77,47 +75,104 @@ def save_grid(path: str | os.PathLike, pixels: np.ndarray, **kwargs: Any) -> Non
   Image.fromarray(image_grid(pixels, **kwargs)).save(os.fspath(path))
 
 
+def smooth(values: Sequence[float], window: int) -> np.ndarray:
+  """Centred moving average over ``window`` points (shrinking at the ends), NaNs ignored.
+
+  Returns:
+    f64[n]: NaN where the window holds no finite value.
+  """
+  y = np.asarray(values, np.float64)
+  finite = np.isfinite(y)
+  half = max(int(window), 1) // 2
+  sums = np.concatenate([[0.0], np.cumsum(np.where(finite, y, 0.0))])
+  counts = np.concatenate([[0], np.cumsum(finite)])
+  idx = np.arange(y.size)
+  lo, hi = np.maximum(idx - half, 0), np.minimum(idx + half + 1, y.size)
+  n = counts[hi] - counts[lo]
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(n > 0, (sums[hi] - sums[lo]) / np.maximum(n, 1), np.nan)
+
+
+# Series with at least this many points are drawn smoothed, the raw curve faint behind.
+SMOOTH_FROM = 50
+
+
+def _log_scale_helps(ys: Sequence[np.ndarray]) -> bool:
+  """Positive values spanning more than a factor of 20."""
+  values = np.concatenate([y[np.isfinite(y)] for y in ys]) if ys else np.zeros(0)
+  return bool(values.size and values.min() > 0 and values.max() / values.min() > 20)
+
+
 def save_curves(path: str | os.PathLike,
-                panels: Sequence[tuple[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]]],
-                *, width: int = 420, height: int = 260) -> None:
-  """Draws simple line charts side by side (no plotting library needed).
+                panels: Sequence[tuple[Any, ...]],
+                *, width: int = 480, height: int = 340) -> None:
+  """Line charts side by side, drawn with matplotlib (written atomically).
+
+  Series with at least :data:`SMOOTH_FROM` points are drawn smoothed (a centred moving average
+  over about 1/25 of the points), the raw curve faint behind; the y axis is logarithmic where
+  positive values span more than a factor of 20, unless the panel says otherwise; axes show
+  plain integers (no offsets, no "1e+03").
 
   Args:
     path: the PNG to write.
-    panels: (title, {series name: (x values, y values)}) per panel; NaNs are skipped.
-    width, height: size of each panel in pixels.
+    panels: ``(title, {series name: (x values, y values)})`` or ``(title, series, options)``
+      per panel, options a dict of ``xlabel``, ``ylabel``, ``yscale`` ("auto", "linear",
+      "log") and ``smooth`` (None: by length, True, False). NaNs are gaps.
+    width, height: size of each panel in pixels (at 100 dpi).
   """
-  img = Image.new("RGB", (width * max(1, len(panels)), height), "white")
-  draw = ImageDraw.Draw(img)
-  for p, (title, series) in enumerate(panels):
-    x0, left, top, right, bottom = p * width, 52, 22, 12, 30
-    box = (x0 + left, top, x0 + width - right, height - bottom)
-    draw.rectangle(box, outline="black")
-    draw.text((x0 + left, 4), title, fill="black")
-    pts = [(np.asarray(x, float), np.asarray(y, float)) for x, y in series.values()]
-    finite = [(x[np.isfinite(y)], y[np.isfinite(y)]) for x, y in pts]
-    xs = np.concatenate([x for x, _ in finite]) if finite else np.zeros(0)
-    ys = np.concatenate([y for _, y in finite]) if finite else np.zeros(0)
-    if xs.size == 0:
-      continue
-    xmin, xmax = float(xs.min()), float(xs.max()) or 1.0
-    ymin, ymax = float(ys.min()), float(ys.max())
-    if xmax == xmin:
-      xmax = xmin + 1.0
-    if ymax == ymin:
-      ymax = ymin + 1.0
-    draw.text((x0 + 2, top), f"{ymax:.3g}", fill="black")
-    draw.text((x0 + 2, box[3] - 10), f"{ymin:.3g}", fill="black")
-    draw.text((box[0], box[3] + 4), f"{xmin:.3g}", fill="black")
-    draw.text((box[2] - 30, box[3] + 4), f"{xmax:.3g}", fill="black")
-    for i, (name, (x, y)) in enumerate(zip(series, finite)):
-      colour = _COLOURS[i % len(_COLOURS)]
-      px = box[0] + (x - xmin) / (xmax - xmin) * (box[2] - box[0])
-      py = box[3] - (y - ymin) / (ymax - ymin) * (box[3] - box[1])
-      line = list(zip(px.tolist(), py.tolist()))
-      if len(line) > 1:
-        draw.line(line, fill=colour, width=2)
-      elif line:
-        draw.ellipse((line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2), fill=colour)
-      draw.text((box[0] + 6, box[1] + 4 + 12 * i), name, fill=colour)
-  img.save(os.fspath(path))
+  # Imported when a figure is drawn (about a second); the Agg canvas needs no display and no
+  # pyplot state.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+  from matplotlib.figure import Figure  # noqa: PLC0415
+  from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: PLC0415
+
+  count = max(1, len(panels))
+  fig = Figure(figsize=(width * count / 100, height / 100), dpi=100, layout="constrained")
+  FigureCanvasAgg(fig)
+  colours = [f"C{i}" for i in range(10)]
+  for p, panel in enumerate(panels):
+    title, series = panel[0], panel[1]
+    options = dict(panel[2]) if len(panel) > 2 and panel[2] else {}
+    ax = fig.add_subplot(1, count, p + 1)
+    ax.set_title(str(title), fontsize=10)
+    curves = [(str(name), np.asarray(x, np.float64).reshape(-1),
+               np.asarray(y, np.float64).reshape(-1)) for name, (x, y) in series.items()]
+    curves = [(n, x, y) for n, x, y in curves if np.isfinite(y).any()]
+    for i, (name, x, y) in enumerate(curves):
+      colour = colours[i % len(colours)]
+      smoothed = options.get("smooth")
+      if smoothed is None:
+        smoothed = np.isfinite(y).sum() >= SMOOTH_FROM
+      if smoothed:
+        ax.plot(x, y, color=colour, alpha=0.25, linewidth=0.8)
+        ax.plot(x, smooth(y, max(3, y.size // 25)), color=colour, linewidth=1.8, label=name)
+      else:
+        marker = "o" if np.isfinite(y).sum() <= 30 else None
+        ax.plot(x, y, color=colour, linewidth=1.6, marker=marker, markersize=3.5, label=name)
+    scale = options.get("yscale", "auto")
+    if scale == "log" or (scale == "auto" and _log_scale_helps([y for _, _, y in curves])):
+      ax.set_yscale("log")
+    else:
+      formatter = ScalarFormatter(useOffset=False)
+      formatter.set_scientific(False)
+      ax.yaxis.set_major_formatter(formatter)
+    xformatter = ScalarFormatter(useOffset=False)
+    xformatter.set_scientific(False)
+    ax.xaxis.set_major_formatter(xformatter)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+    ax.set_xlabel(options.get("xlabel", ""))
+    ax.set_ylabel(options.get("ylabel", ""))
+    ax.grid(True, which="major", alpha=0.3)
+    ax.tick_params(labelsize=8)
+    if curves:
+      ax.legend(fontsize=8, frameon=False)
+    else:
+      ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center")
+  path = os.fspath(path)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

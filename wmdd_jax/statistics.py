@@ -30,8 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
+from wmdd_jax import tracking
 from wmdd_jax.distributed import Execution
 from wmdd_jax.errors import ConfigError, DataError, NonFiniteError, ShapeError
 from wmdd_jax.models.base import apply_model
@@ -204,7 +204,8 @@ def compute_class_statistics(
       default: one device). Sharded: ``batch_size`` is per process, rounded up to a multiple of
       the process's devices; with several processes ``batches`` is this process's shard. Work
       units: the per-class sums on the first device, bit-identical for any device count.
-    progress: show a tqdm bar.
+    progress: show progress (a bar on a terminal, else a log line now and then;
+      :func:`wmdd_jax.tracking.progress`).
 
   Returns:
     (ClassStatistics, Features or None). The statistics cover every process's data; with several
@@ -231,8 +232,8 @@ def compute_class_statistics(
     if total is None:
       raise ShapeError("feature_path needs total= (the number of images) to size the file; "
                        "pass total=dataset.num_examples('train').")
-  with tqdm(total=total, desc="statistics", unit="img", leave=False,
-            disable=not progress) as bar:
+  with tracking.progress(total, desc="statistics", unit="img", leave=False,
+                         enabled=progress) as bar:
     for images, labels in batches:
       images = np.asarray(images)
       labels = np.asarray(labels, np.int32)

@@ -34,9 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from wmdd_jax import training
+from wmdd_jax import tracking, training
 from wmdd_jax.checkpoint import TeacherCheckpointer
 from wmdd_jax.data import transforms
 from wmdd_jax.distributed import Execution, local_execution
@@ -291,6 +290,7 @@ def train_teacher(
     progress: bool = True,
     execution: Execution | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
+    writer: tracking.MetricWriter | None = None,
 ) -> dict[str, Any]:
   """Trains ``model`` with SGD + cosine schedule, data-parallel over ``execution``'s devices.
 
@@ -310,7 +310,8 @@ def train_teacher(
       train_loss, train_top1, test_top1/top5/loss when evaluated, seconds, images_per_s). With
       ``checkpoint_dir`` the log is first cut to the epochs the run resumes after (atomically
       rewritten), so it holds exactly one line per epoch however often the run was restarted.
-    progress: show a tqdm bar.
+    progress: show progress: a bar on a terminal, else a log line now and then and one per
+      epoch (:func:`wmdd_jax.tracking.progress`).
     execution: how steps run on devices (:mod:`wmdd_jax.distributed`; default: every batch
       split over all local devices by XLA, BN statistics over the whole batch). With work units
       BN statistics are per unit and the run is bit-identical for any device count.
@@ -324,6 +325,8 @@ def train_teacher(
       variable shapes, other training options, data size, normalisation or per-step batch;
       ``eval_*`` options, ``max_eval_batches`` and ``checkpoint_every`` may change) is refused.
       With several processes every process passes the same directory.
+    writer: if set, each epoch's record is written there as the ``teacher/*`` scalars of
+      :mod:`wmdd_jax.tracking` (step: the epoch), from values already on the host.
 
   Returns:
     The trained variables ``{"params", "batch_stats"}`` as host (numpy) arrays.
@@ -411,8 +414,8 @@ def train_teacher(
       os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
       if ckpt is not None:
         _keep_epochs(metrics_path, start_epoch)
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc="teacher",
-               unit="step", dynamic_ncols=True)
+    bar = tracking.progress(total_steps, initial=step, enabled=progress, desc="teacher",
+                            unit="step")
     for epoch in range(start_epoch, config.epochs):
       t0 = time.perf_counter()
       batches = itertools.chain([first], first_batches) if epoch == 0 else iter(source(epoch))
@@ -430,8 +433,8 @@ def train_teacher(
         n_images += usable
         n_steps += 1
         bar.update(1)
-        if n_steps % 25 == 0:
-          bar.set_postfix(epoch=epoch + 1, loss=f"{float(metrics['loss']):.3f}")
+        if n_steps % 25 == 0 and bar.active:  # a host sync, for the display only
+          bar.set_postfix(epoch=epoch + 1, loss=float(metrics["loss"]))
       if sums is None:
         raise ConfigError(f"Epoch {epoch} yielded no training batches; check train_data.")
       sums = jax.device_get(sums)
@@ -457,9 +460,15 @@ def train_teacher(
             max_batches=config.max_eval_batches, execution=execution, eval_step=eval_step)
         record.update(test_top1=result["top1"], test_top5=result["top5"],
                       test_loss=result["loss"], eval_seconds=time.perf_counter() - t1)
-      bar.set_postfix(epoch=epoch + 1, loss=f"{record['train_loss']:.3f}",
-                      **({"test_top1": f"{record['test_top1']:.2f}"}
-                         if "test_top1" in record else {}))
+      bar.set_postfix(epoch=epoch + 1, loss=record["train_loss"],
+                      test_top1=record.get("test_top1"))
+      bar.log(tracking.metrics_line(
+          f"teacher epoch {epoch + 1}/{config.epochs}",
+          {k: record[k] for k in ("train_loss", "train_top1", "test_top1", "test_top5", "lr",
+                                  "images_per_s") if k in record}))
+      if writer is not None:
+        writer.write_scalars(epoch + 1, {f"teacher/{k}": record[k] for k in _WRITTEN
+                                         if k in record})
       if metrics_path is not None:
         with open(metrics_path, "a") as f:
           f.write(json.dumps(record) + "\n")
@@ -472,6 +481,11 @@ def train_teacher(
     if ckpt is not None:
       ckpt.close()  # lets a save in flight finish (also when interrupted)
   return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+
+
+# The record's fields written as teacher/<field> scalars (wmdd_jax.tracking.TEACHER_TAGS).
+_WRITTEN = ("train_loss", "train_top1", "lr", "images_per_s", "test_top1", "test_top5",
+            "test_loss")
 
 
 # Options that do not change the trained weights: a checkpoint may be resumed with other values.
