@@ -87,6 +87,33 @@ def test_tiny_array_record_reads_by_index(tiny_dirs):
   assert y.tolist() == [2] * 4
 
 
+def test_tiny_array_record_through_grain_and_pickle(tiny_dirs):
+  import pickle
+
+  ds = open_dataset("tfds:wmdd_tiny_shapes", data_dir=tiny_dirs["array_record"])
+  grain = ds.with_loader("grain", worker_count=0, read_threads=2)
+  for kwargs in (dict(), dict(shuffle=True, seed=4, process_index=1, process_count=2)):
+    ref = list(ds.iter_batches("train", 5, **kwargs))
+    got = list(grain.iter_batches("train", 5, **kwargs))
+    assert len(ref) == len(got)
+    for (xa, ya), (xb, yb) in zip(ref, got, strict=True):
+      np.testing.assert_array_equal(xa, xb)
+      np.testing.assert_array_equal(ya, yb)
+  # Grain's worker processes get the source pickled: by name and data_dir, no open readers.
+  copy = pickle.loads(pickle.dumps(ds._reading_copy()))
+  x, y = copy.load_split("train")
+  np.testing.assert_array_equal(x, ds.load_split("train")[0])
+  np.testing.assert_array_equal(y, ds.labels("train"))
+
+
+def test_tiny_tfrecord_through_grain_is_the_stream_read_ahead(tiny_dirs):
+  ds = open_dataset("tfds:wmdd_tiny_shapes", data_dir=tiny_dirs["tfrecord"], shuffle_buffer=5)
+  grain = ds.with_loader("grain", prefetch=2)
+  ref = list(ds.epochs("train", 4, seed=2)(1))
+  got = list(grain.epochs("train", 4, seed=2)(1))
+  assert [x[:, 0, 0, 0].tolist() for x, _ in got] == [x[:, 0, 0, 0].tolist() for x, _ in ref]
+
+
 def test_tiny_tfrecord_falls_back_to_tf_data(tiny_dirs):
   ds = open_dataset("tfds:wmdd_tiny_shapes", data_dir=tiny_dirs["tfrecord"], shuffle_buffer=5)
   assert not ds._source.random_access

@@ -6,10 +6,13 @@
 
 Modules: ``source`` (the Source base class, shared helpers and SOURCES, the table of spec
 prefixes), ``arrays``/``folder``/``tfds_source`` (the sources; each registers its prefixes),
-``dataset`` (Dataset and open_dataset), ``transforms`` (JAX image transforms).
+``dataset`` (Dataset and open_dataset), ``loader`` (how batches are read: ``sync``, or ``grain``
+with worker processes and prefetch; ``Dataset.epochs`` for training loops), ``transforms`` (JAX
+image transforms).
 """
 
 from wmdd_jax.data.dataset import Dataset, open_dataset
+from wmdd_jax.data.loader import EpochBatches, LoaderOptions, epoch_seed
 from wmdd_jax.data.source import NORMALIZATION, SOURCES, Source, SourceKind, register_source
 from wmdd_jax.data.transforms import (
     augment_batch,
@@ -32,12 +35,15 @@ __all__ = [
     "NORMALIZATION",
     "SOURCES",
     "Dataset",
+    "EpochBatches",
+    "LoaderOptions",
     "Source",
     "SourceKind",
     "augment_batch",
     "clip_to_valid",
     "crop_and_resize",
     "denormalize",
+    "epoch_seed",
     "flip",
     "jitter",
     "normalize",

@@ -13,6 +13,7 @@ into normalised float arrays is :mod:`wmdd_jax.data.transforms`' job.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -29,6 +30,7 @@ from PIL import Image, ImageOps
 # the spec forms are listed in error messages.
 from wmdd_jax.data import tfds_source, folder, arrays  # noqa: F401
 # isort: on
+from wmdd_jax.data import loader as loader_lib
 from wmdd_jax.data.source import (
     COMMON_OPTIONS,  # noqa: F401 - also read from here (tests/test_configs.py)
     NORMALIZATION,
@@ -159,6 +161,8 @@ class Dataset:
     image_shape: (H, W, ch) of every image returned.
     splits: split names. With ``val_fraction > 0`` a ``"val"`` split is held out of ``"train"``.
     mean, std: per-channel normalisation constants in [0, 1] pixel scale (tuples of ch floats).
+    loader_options: how batches are read (:class:`wmdd_jax.data.loader.LoaderOptions`:
+      ``sync`` or ``grain`` with its worker processes and prefetch); never what they hold.
   """
 
   def __init__(
@@ -170,7 +174,12 @@ class Dataset:
       seed: int = 0,
       normalization: Any = None,
       load_split_max_bytes: int = 8 << 30,
+      loader: Any = "sync",
+      worker_count: Any = None,
+      read_threads: Any = None,
+      prefetch: Any = None,
   ):
+    self.loader_options = loader_lib.loader_options(loader, worker_count, read_threads, prefetch)
     self._source = source
     self.spec = source.spec
     self.class_names = [str(n) for n in source.class_names]
@@ -443,7 +452,11 @@ class Dataset:
       process_index: int = 0,
       process_count: int = 1,
   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Streams ``split`` in batches; only one batch is decoded at a time.
+    """Streams ``split`` in batches, read by the dataset's loader.
+
+    With ``loader="sync"`` (the default) only one batch is decoded at a time, when it is asked
+    for; with ``loader="grain"`` grain reads batches ahead in worker processes. Both give the
+    same batches in the same order.
 
     The global order (all classes or the ``classes`` subset, permuted by ``seed`` when
     ``shuffle``) is the same on every process; process ``p`` of ``P`` takes positions ``p, p+P,
@@ -466,6 +479,40 @@ class Dataset:
     Yields:
       (images u8[B, H, W, ch], labels i32[B]).
     """
+    options = self.loader_options
+    if options.loader == "grain":
+      if self._source.random_access:
+        # Arguments are checked here (by the Plan), at the call, as below.
+        plan = loader_lib.Plan(
+            self, split, batch_size, classes=classes, shuffle=shuffle, seed=seed,
+            per_epoch=False, drop_remainder=drop_remainder, process_index=process_index,
+            process_count=process_count)
+        return loader_lib.grain_pass(plan, options)
+      self._positions(split, batch_size, classes, shuffle, seed, drop_remainder, process_index,
+                      process_count)  # Checks the arguments now.
+      return loader_lib.thread_prefetch(
+          lambda: self._sync_batches(
+              split, batch_size, classes=classes, shuffle=shuffle, seed=seed,
+              drop_remainder=drop_remainder, process_index=process_index,
+              process_count=process_count),
+          options.prefetch)
+    return self._sync_batches(
+        split, batch_size, classes=classes, shuffle=shuffle, seed=seed,
+        drop_remainder=drop_remainder, process_index=process_index, process_count=process_count)
+
+  def _sync_batches(
+      self,
+      split: str,
+      batch_size: int,
+      *,
+      classes: Sequence[int] | None = None,
+      shuffle: bool = False,
+      seed: int = 0,
+      drop_remainder: bool = False,
+      process_index: int = 0,
+      process_count: int = 1,
+  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The ``sync`` loader: :meth:`iter_batches` reading each batch when it is asked for."""
     # Arguments are checked here, at the call, not when the first batch is asked for.
     positions = self._positions(
         split, batch_size, classes, shuffle, seed, drop_remainder, process_index, process_count
@@ -545,6 +592,61 @@ class Dataset:
             f"{self.image_shape[1]}) to open_dataset."
         )
     return np.stack(images).astype(np.uint8, copy=False)
+
+  def epochs(
+      self,
+      split: str,
+      batch_size: int,
+      *,
+      seed: int = 0,
+      shuffle: bool = True,
+      classes: Sequence[int] | None = None,
+      drop_remainder: bool = True,
+      process_index: int = 0,
+      process_count: int = 1,
+  ) -> loader_lib.EpochBatches:
+    """``split`` as a callable ``epoch -> batches``, what a training loop reads epoch by epoch.
+
+    Epoch ``e`` is :meth:`iter_batches` with ``seed=seed * 100_003 + e``
+    (:func:`wmdd_jax.data.loader.epoch_seed`, the rule the teacher's in-memory path uses), so
+    it is the same under every loader and a resumed run reads what it would have read. With
+    ``loader="grain"`` the worker processes start once, on the first epoch asked for, and keep
+    reading ahead across epoch boundaries (see :class:`wmdd_jax.data.loader.EpochBatches`).
+
+    Args:
+      split: a name in :attr:`splits`.
+      batch_size: images per batch (per process).
+      seed: the stream's seed.
+      shuffle, classes, drop_remainder, process_index, process_count: as in
+        :meth:`iter_batches` (here ``shuffle`` and ``drop_remainder`` default to True).
+
+    Returns:
+      An :class:`~wmdd_jax.data.loader.EpochBatches`: call it with the epoch; its
+      ``steps_per_epoch`` is the number of batches of every epoch.
+    """
+    plan = loader_lib.Plan(
+        self, split, batch_size, classes=classes, shuffle=shuffle, seed=seed, per_epoch=True,
+        drop_remainder=drop_remainder, process_index=process_index, process_count=process_count)
+    return loader_lib.EpochBatches(self, plan, self.loader_options)
+
+  def with_loader(self, loader: Any = "sync", **options: Any) -> Dataset:
+    """This dataset read by another loader (``open_dataset``'s loader options); a shallow copy.
+
+    Example: ``ds.with_loader("grain", worker_count=4)``. The data, splits and normalisation
+    are shared with ``self``.
+    """
+    unknown = sorted(set(options) - set(loader_lib.OPTIONS))
+    if unknown:
+      raise ConfigError(f"unknown loader option(s) {unknown}; use {list(loader_lib.OPTIONS)}.")
+    out = copy.copy(self)
+    out.loader_options = loader_lib.loader_options(loader, **options)
+    return out
+
+  def _reading_copy(self) -> Dataset:
+    """A shallow copy whose source reads in the calling thread (loaders parallelise batches)."""
+    out = copy.copy(self)
+    out._source = self._source.serial()
+    return out
 
   def iter_class(
       self,
@@ -646,7 +748,12 @@ def open_dataset(spec: str, **options: Any) -> Dataset:
   centre-cropped), ``val_fraction`` (seeded stratified hold-out of train exposed as split
   ``"val"``; default 0), ``seed`` (for ``val`` and the digits split; default 0),
   ``normalization`` (a key of NORMALIZATION, 'computed' or a (mean, std) pair; default: the
-  published constants of a known dataset, else computed on train), ``load_split_max_bytes``.
+  published constants of a known dataset, else computed on train), ``load_split_max_bytes``,
+  and the loader: ``loader`` ('sync', the default: each batch read when asked for; 'grain':
+  batches read ahead by grain, the same batches in the same order), ``worker_count`` (grain
+  worker processes, 0 = none; default one per core but one, at most 8), ``read_threads``
+  (threads per process, each reading one batch), ``prefetch`` (batches buffered ahead per
+  process); see :mod:`wmdd_jax.data.loader`.
 
   Args:
     spec: one of the forms above.

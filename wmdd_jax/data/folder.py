@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import warnings
@@ -233,6 +234,16 @@ class FolderSource(Source):
     self._num_workers = int(num_workers) if num_workers is not None else min(8, os.cpu_count() or 1)
     self._pool: ThreadPoolExecutor | None = None
     self._stats_cache = bool(stats_cache)
+
+  def __getstate__(self) -> dict:
+    state = dict(self.__dict__)
+    state["_pool"] = None  # Threads do not cross processes; a copy makes its own when needed.
+    return state
+
+  def serial(self) -> FolderSource:
+    out = copy.copy(self)
+    out._num_workers, out._pool = 1, None
+    return out
 
   @property
   def splits(self) -> tuple[str, ...]:

@@ -37,8 +37,10 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
-# Options every source accepts (read by Dataset); each SourceKind adds its own.
-COMMON_OPTIONS = ("resize", "val_fraction", "seed", "normalization", "load_split_max_bytes")
+# Options every source accepts (read by Dataset); each SourceKind adds its own. The last four
+# choose the loader (wmdd_jax.data.loader.OPTIONS).
+COMMON_OPTIONS = ("resize", "val_fraction", "seed", "normalization", "load_split_max_bytes",
+                  "loader", "worker_count", "read_threads", "prefetch")
 
 
 def known_normalization(name: str) -> str | None:
@@ -126,6 +128,15 @@ class Source(abc.ABC):
     threads may apply it there (the dataset skips images already of the right size).
     """
     raise NotImplementedError
+
+  def serial(self) -> Source:
+    """A source reading in the calling thread only: a loader that reads several batches at once
+    (``loader="grain"``) parallelises over batches instead. A source with its own decoding
+    threads returns a copy without them; the default returns ``self``. Sources are pickled into
+    grain's worker processes, so one holding something unpicklable (a thread pool, a module)
+    drops it in ``__getstate__``.
+    """
+    return self
 
   def stream(self, split: str) -> Iterator[np.ndarray]:
     """All images of ``split`` in index order (for sources without random access)."""

@@ -110,6 +110,20 @@ class TfdsSource(Source):
     self.random_access = self._reader == "data_source"
     self._splits = tuple(sorted(split_names, key=lambda s: (s != "train", s)))
 
+  def __getstate__(self) -> dict[str, Any]:
+    # Pickled by name (for grain's worker processes): the module, the builder and the open
+    # data sources are made again where it is unpickled, from the name and data_dir.
+    state = dict(self.__dict__)
+    state.update(_tfds=None, _builder=None, _sources={})
+    return state
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    self.__dict__.update(state)
+    self._tfds = tfds
+    self._builder = tfds.builder(self._name, data_dir=self._data_dir)
+
   def _not_prepared(self, cause: Exception | None) -> None:
     where = self._data_dir or _default_data_dir()
     # Without download, TFDS's own error only misleads (it talks about file formats).
