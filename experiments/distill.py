@@ -10,6 +10,11 @@ delete (``<workdir>/fingerprints.json``). One run at a time per workdir (``<work
 Several hosts: run the same command in each, with a --workdir they all see; on a cluster JAX
 detects (Slurm, Open MPI, TPU VMs) nothing else is needed, elsewhere set WMDD_COORDINATOR=
 host0:port, WMDD_NUM_PROCESSES=N and WMDD_PROCESS_ID=i (README, "Scaling out").
+
+Progress: bars on a terminal, plain log lines otherwise (a redirected or SLURM log); metrics as
+TensorBoard events in ``<workdir>/tensorboard`` (``tensorboard --logdir <workdir>``) and the
+stages' curves in ``<workdir>/curves.png``; wmdd_jax/tracking.py names the metrics and the
+WMDD_PROGRESS / WMDD_LOG_SECONDS / WMDD_TENSORBOARD switches.
 """
 
 import sys
@@ -28,7 +33,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  # Orbax logs every file it writes at INFO; our progress and metric lines (the wmdd_jax
+  # logger, wmdd_jax.tracking) stay at INFO.
+  logging.set_verbosity(logging.WARNING)
   try:
     pipeline.run(_CONFIG.value, _WORKDIR.value)
   except WMDDError as e:  # made on purpose: the message names the cause and the fix
