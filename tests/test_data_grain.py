@@ -67,8 +67,10 @@ def test_default_loader_is_sync_and_options_are_checked(npz_path):
   assert ds.loader_options == loader_lib.LoaderOptions()
   g = open_dataset(f"npz:{npz_path}", loader="grain", worker_count=0, prefetch=3)
   assert (g.loader_options.loader, g.loader_options.worker_count) == ("grain", 0)
-  assert g.loader_options.prefetch == 3 and g.loader_options.read_threads == 2
-  assert ds.with_loader("grain").loader_options.worker_count == loader_lib.default_worker_count()
+  assert g.loader_options.prefetch == 3
+  assert g.loader_options.read_threads == loader_lib.default_read_threads(0)
+  assert ds.with_loader("grain").loader_options.worker_count == 0
+  assert ds.with_loader("grain", worker_count=64).loader_options.read_threads == 1
   with pytest.raises(ConfigError, match=r"loader='bogus' is unknown.*'sync', 'grain'"):
     open_dataset(f"npz:{npz_path}", loader="bogus")
   with pytest.raises(ConfigError, match=r"tune loader='grain'.*add loader='grain'"):

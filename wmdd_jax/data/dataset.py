@@ -751,9 +751,9 @@ def open_dataset(spec: str, **options: Any) -> Dataset:
   published constants of a known dataset, else computed on train), ``load_split_max_bytes``,
   and the loader: ``loader`` ('sync', the default: each batch read when asked for; 'grain':
   batches read ahead by grain, the same batches in the same order), ``worker_count`` (grain
-  worker processes, 0 = none; default one per core but one, at most 8), ``read_threads``
-  (threads per process, each reading one batch), ``prefetch`` (batches buffered ahead per
-  process); see :mod:`wmdd_jax.data.loader`.
+  worker processes; default 0: threads in this process), ``read_threads`` (threads per process,
+  each reading one batch; default min(8, cores) shared among the processes), ``prefetch``
+  (batches buffered ahead per process; default 2); see :mod:`wmdd_jax.data.loader`.
 
   Args:
     spec: one of the forms above.

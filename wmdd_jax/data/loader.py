@@ -72,9 +72,9 @@ def epoch_seed(seed: int, epoch: int) -> int:
   return int(seed) * EPOCH_SEED_STRIDE + int(epoch)
 
 
-def default_worker_count() -> int:
-  """Worker processes when ``worker_count`` is not given: one per core but one, 1 to 8."""
-  return max(1, min(8, (os.cpu_count() or 2) - 1))
+def default_read_threads(worker_count: int) -> int:
+  """Threads per process when ``read_threads`` is not given: min(8, cores) shared out."""
+  return max(1, min(8, os.cpu_count() or 1) // max(1, worker_count))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,9 +104,12 @@ def loader_options(
 
   Args:
     loader: ``"sync"`` (default) or ``"grain"``.
-    worker_count: grain worker processes; default :func:`default_worker_count`; 0 reads in the
-      calling process.
-    read_threads: grain threads per process; default 1 with worker processes, 2 without.
+    worker_count: grain worker processes; default 0: grain's threads in the calling process,
+      which read JPEG/PNG as fast or faster than processes where decoding is the work (PIL
+      releases the GIL) and start at once (bench/results/input.json); processes start in
+      seconds each and pay off when Python-side work holds the GIL.
+    read_threads: grain threads per process, each reading one whole batch; default
+      :func:`default_read_threads` (min(8, cores) shared among the processes).
     prefetch: batches buffered ahead per process; default 2.
 
   Returns:
@@ -134,9 +137,8 @@ def loader_options(
       raise ConfigError(f"{key}={value!r} must be an int >= {low}, e.g. {key}={max(low, 2)}.")
     return int(value)
 
-  workers = default_worker_count() if worker_count is None else count(
-      "worker_count", worker_count, 0)
-  threads = (1 if workers else 2) if read_threads is None else count(
+  workers = 0 if worker_count is None else count("worker_count", worker_count, 0)
+  threads = default_read_threads(workers) if read_threads is None else count(
       "read_threads", read_threads, 1)
   ahead = 2 if prefetch is None else count("prefetch", prefetch, 1)
   return LoaderOptions("grain", workers, threads, ahead)
