@@ -137,6 +137,10 @@ def test_teacher_and_student_without_a_terminal_log_lines(monkeypatch, caplog):
   assert any(x.startswith("student epoch 2/2: train_loss ") for x in lines)
   assert any(x.startswith("student: done, 2 epoch in ") for x in lines)
   assert "\r" not in stderr.getvalue() and "\r" not in "".join(lines)
+  # Each record names the stage's own line, not the tracking module's.
+  files = {r.getMessage().split(" ")[0].rstrip(":"): r.filename for r in caplog.records
+           if r.name == "wmdd_jax"}
+  assert files == {"teacher": "teacher.py", "student": "evaluate.py"}
 
 
 def test_write_history_subsamples_and_skips_nan():

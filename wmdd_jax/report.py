@@ -159,7 +159,7 @@ def save_curves(path: str | os.PathLike,
     xformatter = ScalarFormatter(useOffset=False)
     xformatter.set_scientific(False)
     ax.xaxis.set_major_formatter(xformatter)
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True, steps=[1, 2, 2.5, 5, 10]))
     ax.set_xlabel(options.get("xlabel", ""))
     ax.set_ylabel(options.get("ylabel", ""))
     ax.grid(True, which="major", alpha=0.3)

@@ -77,13 +77,17 @@ def _ensure_visible() -> None:
     logger.setLevel(logging.INFO)
 
 
-def info(message: str) -> None:
-  """Logs ``message`` at INFO on :data:`logger`; to stderr when no handler is configured."""
+def info(message: str, *, stacklevel: int = 1) -> None:
+  """Logs ``message`` at INFO on :data:`logger`; to stderr when no handler is configured.
+
+  ``stacklevel`` as :meth:`logging.Logger.info`'s, counted from the caller of this function: the
+  record names that caller's file and line (2: the caller's caller).
+  """
   _ensure_visible()
   if not logger.isEnabledFor(logging.INFO):
     return
   if logger.hasHandlers():
-    logger.info(message)
+    logger.info(message, stacklevel=stacklevel + 1)
   else:  # a plain script without logging set up: Python would drop INFO lines
     print(message, file=sys.stderr, flush=True)
 
@@ -174,7 +178,7 @@ class Progress:
       now = self._clock()
       if now - self._last >= self.interval:
         self._last = now
-        info(self._line(now))
+        info(self._line(now), stacklevel=2)  # the record names the stage's line
 
   def set_postfix(self, **values: Any) -> None:
     self.postfix = {k: v for k, v in values.items() if v is not None}
@@ -185,7 +189,7 @@ class Progress:
     if self._bar is not None:
       self._bar.write(message, file=sys.stderr)
     elif self.mode == "log":
-      info(message)
+      info(message, stacklevel=2)
 
   def _line(self, now: float, done: bool = False) -> str:
     seconds = max(now - self._start, 1e-9)
@@ -207,19 +211,22 @@ class Progress:
     return line
 
   def close(self) -> None:
+    self._close()
+
+  def _close(self) -> None:
     if self._closed:
       return
     self._closed = True
     if self._bar is not None:
       self._bar.close()
     elif self.mode == "log" and self.n > self.start_n:
-      info(self._line(self._clock(), done=True))
+      info(self._line(self._clock(), done=True), stacklevel=3)  # close()'s caller
 
   def __enter__(self) -> Progress:
     return self
 
   def __exit__(self, *exc: Any) -> None:
-    self.close()
+    self._close()
 
 
 def progress(total: int | None = None, *, desc: str, unit: str = "it", initial: int = 0,
