@@ -220,6 +220,7 @@ def test_folder_source_pickles_without_its_threads(folder):
   _same(copy.iter_batches("train", 4), ds.iter_batches("train", 4))
 
 
+@pytest.mark.slow  # starts worker processes: 5-12 s on the loaded 2-core machine
 def test_grain_worker_processes_read_a_folder_in_order(folder):
   ds = open_dataset(f"folder:{folder}")
   g = ds.with_loader("grain", worker_count=2, prefetch=1)
@@ -231,6 +232,7 @@ def test_grain_worker_processes_read_a_folder_in_order(folder):
     assert grain._grain is not None and grain._grain.position == 3 * grain.steps_per_epoch
 
 
+@pytest.mark.slow  # starts worker processes: 5-12 s on the loaded 2-core machine
 def test_a_corrupt_file_in_a_worker_names_the_file(folder):
   import os
 

@@ -27,8 +27,15 @@ What was found on this project's machines (grain 0.2.18, jax 0.10.2, Linux):
   "__main__":`` guard) and import JAX through it and through this package, but they only run
   numpy and PIL: they never start a JAX backend, so no worker touches the accelerator (each
   also gets ``JAX_PLATFORMS=cpu`` in case something does). Starting the workers costs a few
-  seconds (4-10 s for 1-2 workers on the 2-core development machine under load), which is why
+  seconds (4-11 s for 1-2 workers on the 2-core development machine under load), which is why
   :meth:`Dataset.epochs` starts them once.
+* Speed (``python -m bench.input``, bench/results/input.json): on the shared 2-core machine no
+  loader decodes faster than ``sync``, which already decodes each batch in 2 threads; grain's
+  threads are level with it and worker processes slower (fewer cores than busy processes, and
+  every batch crosses shared memory: in-memory arrays are 10-40x slower through workers). The
+  loader's rate matters where the step is faster than decoding, i.e. on an accelerator with
+  many host cores: there raise ``read_threads`` (JPEG/PNG decoding releases the GIL) or
+  ``worker_count`` (work that holds the GIL). ``sync`` stays the default.
 * grain 0.2.18 with jaxlib >= 0.10 reads the absl flag ``grain_enable_multiprocess_worker_
   profiling`` when its workers start and fails with ``UnparsedFlagAccessError`` unless absl
   flags were parsed (they are under ``absl.app.run``, as in ``experiments/*.py``, but not in a
