@@ -129,6 +129,20 @@ def test_stop_after_teacher_runs_the_teacher_stage_only(wmdd_run, tmp_path):
     pipeline.run(c, str(tmp_path), stop_after="recover", log=lambda *_: None)
 
 
+def test_tensorflow_is_imported_before_the_processes_connect(monkeypatch, tmp_path):
+  """Process 0 must not import TensorFlow (seconds) alone after the processes connect: the others
+  would wait for it in their first collective, which times out after 30 s."""
+  from wmdd_jax import tracking
+  from wmdd_jax.distributed import sharding
+
+  calls = []
+  monkeypatch.setattr(tracking, "prepare_tensorboard", lambda: calls.append("tensorflow"))
+  monkeypatch.setattr(sharding, "initialize_distributed", lambda: calls.append("connect"))
+  with pytest.raises(ConfigError, match="config.method"):
+    pipeline.run(_config("magic"), str(tmp_path), log=lambda *_: None)
+  assert calls == ["tensorflow", "connect"]
+
+
 def test_unknown_method():
   c = _config("magic")
   with pytest.raises(ConfigError, match="config.method"):

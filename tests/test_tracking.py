@@ -171,6 +171,9 @@ def test_writer_without_tensorflow_says_so_once(monkeypatch, tmp_path):
   assert type(tracking.create_writer(tmp_path / "tb", log=lines.append)) is tracking.MetricWriter
   assert len(lines) == 1  # turned off on purpose: nothing to say
   assert type(tracking.create_writer(None)) is tracking.MetricWriter
+  assert not tracking.prepare_tensorboard()  # off
+  monkeypatch.setenv("WMDD_TENSORBOARD", "1")
+  assert not tracking.prepare_tensorboard()  # not installed
 
 
 def test_tensorboard_events_read_back(tmp_path):

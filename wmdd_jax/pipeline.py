@@ -653,6 +653,15 @@ def _curve_panels(teacher: list[dict[str, Any]], history: dict[str, np.ndarray] 
   return panels
 
 
+def _may_write_events(config, workdir: str, stop_after: str) -> bool:
+  """Whether a stage may run, so events may be written (asked before the config is checked:
+  True when it cannot tell)."""
+  try:
+    return bool(_unfinished(config, RunFiles(os.path.abspath(workdir)), stop_after))
+  except Exception:  # noqa: BLE001 - a bad config fails later, with its own message
+    return True
+
+
 def _unfinished(config, files: RunFiles, stop_after: str) -> list[str]:
   """The stages up to ``stop_after`` whose results are not in the workdir yet."""
   needed = [("teacher", config.teacher.checkpoint or files.teacher)]
@@ -739,6 +748,10 @@ def run(config: Any, workdir: str, *, log=print, evaluate: bool = True,
   if stop_after not in (None, *STAGES):
     raise ConfigError(f"stop_after={stop_after!r} is not one of {STAGES} (or None: every stage).")
   stop_after = stop_after or ("evaluate" if evaluate else "synset")
+  if _may_write_events(config, workdir, stop_after):
+    # TensorBoard's TensorFlow import (seconds) before the processes connect, in every process:
+    # initialize_distributed waits for them all, a first collective only 30 s.
+    tracking.prepare_tensorboard()
   sharding.initialize_distributed()  # a no-op without a detected cluster or WMDD_COORDINATOR
   config = config_lib.complete(config)  # every field present; an unknown one fails here
   if config.debug:

@@ -30,7 +30,9 @@ Events are written with ``tf.summary`` (TensorFlow, the ``[tf]`` extra; ``clu.me
 needs the ``tensorboard`` package, which TensorFlow 2.21 no longer brings). Without TensorFlow
 :func:`create_writer` says so in one line and returns a writer that writes nothing: the JSON
 files above still hold every metric. ``WMDD_TENSORBOARD=0`` turns events off (and spares the
-TensorFlow import, a few seconds).
+TensorFlow import, a few seconds). :func:`wmdd_jax.pipeline.run` imports TensorFlow
+(:func:`prepare_tensorboard`) before the processes of a multi-process run connect, in each of
+them, so that process 0 never starts the stages tens of seconds after the others.
 
 Progress (:func:`progress`): a tqdm bar when stderr is a terminal (or in a notebook); otherwise,
 as under SLURM or with output redirected to a file, plain log lines (no carriage returns): one
@@ -294,13 +296,9 @@ class TensorBoardWriter(MetricWriter):
   """
 
   def __init__(self, logdir: str | os.PathLike):
-    import tensorflow as tf  # noqa: PLC0415
+    tf = import_tensorflow()
     from tensorflow.core.framework import summary_pb2  # noqa: PLC0415
 
-    try:
-      tf.config.set_visible_devices([], "GPU")
-    except (RuntimeError, ValueError):  # TensorFlow already initialised its devices
-      pass
     self._tf = tf
     self.logdir = os.fspath(logdir)
     os.makedirs(self.logdir, exist_ok=True)
@@ -321,6 +319,38 @@ class TensorBoardWriter(MetricWriter):
 
   def close(self) -> None:
     self._writer.close()
+
+
+def import_tensorflow() -> Any:
+  """``import tensorflow``, kept off any GPU (so it never takes accelerator memory from JAX).
+
+  Raises:
+    ImportError: TensorFlow is not installed.
+  """
+  import tensorflow as tf  # noqa: PLC0415
+
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except (RuntimeError, ValueError):  # TensorFlow already initialised its devices
+    pass
+  return tf
+
+
+def prepare_tensorboard() -> bool:
+  """Imports TensorFlow now when events are on and it is installed; returns whether it did.
+
+  The import takes seconds (tens under load). A run of several processes does it in every
+  process before they connect (:func:`wmdd_jax.pipeline.run`): process 0 importing it alone
+  later, as it makes its writer, would reach the first collective that much after the others,
+  and a collective's start-up waits only 30 s for the slowest process.
+  """
+  if not tensorboard_enabled():
+    return False
+  try:
+    import_tensorflow()
+  except ImportError:
+    return False
+  return True
 
 
 def tensorboard_enabled() -> bool:
@@ -394,6 +424,6 @@ def read_scalars(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]
 
 
 __all__ = ["LOG_SECONDS", "MAX_POINTS", "RECOVER_TAGS", "STUDENT_TAGS", "TAGS", "TEACHER_TAGS",
-           "MetricWriter", "Progress", "TensorBoardWriter", "create_writer", "info", "logger",
-           "metrics_line", "progress", "progress_mode", "read_scalars", "tensorboard_enabled",
-           "write_history"]
+           "MetricWriter", "Progress", "TensorBoardWriter", "create_writer", "import_tensorflow",
+           "info", "logger", "metrics_line", "prepare_tensorboard", "progress", "progress_mode",
+           "read_scalars", "tensorboard_enabled", "write_history"]
