@@ -112,7 +112,7 @@ RESULT_NEUTRAL: dict[str, tuple[str, ...]] = {
     "parallel": ("mesh", "memory_budget_bytes", "units", "compiler_options"),
     # open_dataset options that change how, not what, is read.
     "dataset.options": ("num_workers", "verify", "stats_cache", "load_split_max_bytes",
-                        "download"),
+                        "download", "loader", "worker_count", "read_threads", "prefetch"),
 }
 
 # Fields of the run that are not options of a stage function, declared once here. A value that

@@ -320,9 +320,9 @@ def _teacher_data(dataset, split: str, batch_size: int, seed: int | None):
       raise
   if seed is None:
     return (lambda epoch: dataset.iter_batches(split, batch_size)), None
-  stream = lambda epoch: dataset.iter_batches(
-      split, batch_size, shuffle=True, seed=seed * 100_003 + epoch, drop_remainder=True)
-  return stream, dataset.num_examples(split) // batch_size
+  # Epoch e: seed * 100_003 + e, as before; with loader="grain" the readers start once.
+  stream = dataset.epochs(split, batch_size, seed=seed, drop_remainder=True)
+  return stream, stream.steps_per_epoch
 
 
 def _teacher(config, dataset, files, root, timings, log, execution, writer):
