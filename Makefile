@@ -21,7 +21,7 @@ lint: install
 	$(VENV)/bin/ruff check wmdd_jax experiments tests bench
 
 test: install lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 demo: install
 	$(PY) experiments/demo.py --workdir demo_out
