@@ -504,8 +504,10 @@ def _synthesize(config, dataset, model, variables, files, root, timings, log, ex
                                          st.global_var, running_mean, running_var)
     initial = None
     if options.init == "real":
+      # The very images method "random" evaluates with the same seed, so that the two runs
+      # differ only by the recover stage (a paired comparison, not two image draws).
       initial = _random_real(dataset, config_lib.split(config, "train"), ipc,
-                             stage_key(root, "recover_init"))
+                             stage_key(root, "random"))
     budget = int(config.parallel.memory_budget_bytes)
     ledger.record("synset")  # before recover_ckpt/ is written: a resumed recover is checked too
     # Sharded states are saved shard by shard, without gathering them on one host.

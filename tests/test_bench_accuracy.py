@@ -1,0 +1,44 @@
+"""bench/accuracy.py: the grid's parsing, summary and table (the runs themselves are pipeline
+runs, tested in test_pipeline.py)."""
+
+import pytest
+
+from bench import accuracy
+from wmdd_jax.errors import ConfigError
+
+KNOWN = ("wmdd", "sre2l", "random", "ce_pcbn", "wass_bn")
+
+
+def test_parse_methods_splits_objectives_and_drops_repeats():
+  got = accuracy.parse_methods(["wmdd:official", "wmdd:per_class", "random", "wmdd:official"],
+                               KNOWN)
+  assert got == [("wmdd", "official"), ("wmdd", "per_class"), ("random", None)]
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (["wmd"], "not a method"), (["wmdd:perclass"], "not one of"), ([], "at least one")])
+def test_parse_methods_errors_name_the_valid_values(bad, fragment):
+  with pytest.raises(ConfigError, match=fragment):
+    accuracy.parse_methods(bad, KNOWN)
+
+
+def test_cell_names_keep_objectives_apart():
+  assert accuracy.cell_name("wmdd", "per_class", 10, 2) == "wmdd_per_class_ipc10_seed2"
+  assert accuracy.cell_name("random", None, 1, 0) == "random_ipc1_seed0"
+
+
+def test_summary_and_markdown_report_mean_and_sample_std():
+  rows = [{"method": "wmdd", "objective": "official", "ipc": 10, "seed": s, "test_top1": v}
+          for s, v in enumerate((50.0, 52.0, 57.0))]
+  rows.append({"method": "random", "objective": None, "ipc": 10, "seed": 0, "test_top1": 40.0})
+  summary = accuracy.summarize(rows)
+  assert summary[0]["n"] == 3 and summary[0]["mean"] == pytest.approx(53.0)
+  assert summary[0]["std"] == pytest.approx(3.605551, rel=1e-6)  # sample std, numpy ddof=1
+  assert summary[1]["std"] is None
+  table = accuracy.markdown({
+      "config": "c", "dataset": "d", "student": "convnet_d3", "split": "test", "debug": False,
+      "summary": summary, "teacher": "t", "teacher_top1": 70.04, "total_cell_s": 5.0,
+      "machine": {"device_kind": "cpu"}})
+  assert "| wmdd | official | 53.0 +- 3.6 (3) |" in table
+  assert "| random | - | 40.0 (1) |" in table
+  assert "top-1 70.0%" in table
