@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from wmdd_jax import ConfigError, pipeline
+from wmdd_jax import ConfigError, checkpoint, pipeline
 
 CONTRACT = ("dataset", "method", "ipc", "num_classes", "seed", "test_top1", "test_top5",
             "best_top1", "seconds")
@@ -114,6 +114,24 @@ def test_random_baseline_reuses_teacher(wmdd_run, tmp_path):
   m = pipeline.run(c, str(tmp_path), log=lambda *_: None)
   assert m["method"] == "random" and "teacher" not in m["seconds"]
   assert not os.path.exists(tmp_path / "stats.npz")
+
+
+def test_real_init_starts_from_the_random_baselines_images(wmdd_run, tmp_path):
+  """recover.init="real" starts from exactly the images method "random" picks with that seed,
+  so wmdd-from-real and random differ only by the recover stage (a paired comparison)."""
+  workdir, _ = wmdd_run
+  sets = {}
+  for method in ("random", "wmdd"):
+    c = _config(method)
+    c.teacher.checkpoint = os.path.join(workdir, "teacher")
+    c.recover.init = "real"
+    c.recover.iterations, c.recover.steps_per_call, c.recover.checkpoint_every = 10, 10, 10
+    c.recover.lr = 1e-6  # Adam moves each pixel by at most ~lr per step
+    pipeline.run(c, str(tmp_path / method), stop_after="synset", log=lambda *_: None)
+    sets[method] = np.asarray(
+        checkpoint.load_synthetic_set(str(tmp_path / method / "synset")).images)
+  np.testing.assert_allclose(sets["wmdd"], sets["random"], atol=1e-4)
+  assert np.abs(sets["random"]).max() > 0.1  # real images, not an all-zero start
 
 
 def test_stop_after_teacher_runs_the_teacher_stage_only(wmdd_run, tmp_path):
