@@ -2,16 +2,23 @@
 
 Per class of each family it runs, in one process: POT (``ot.lp.free_support_barycenter``, the
 exact network-simplex LP per iteration, from a random normal init as the official WMDD code
-calls it), the default (``free_support_barycenter`` with default options: the semi-dual solver,
-4 k-means++ starts that each run 5 Laguerre polish iterations, then the best continues), the
-semi-dual solver from one start (``num_inits=1``), the OTT-JAX annealed solver
-(``solver="annealed"``: one start, five OTT Sinkhorn annealing stages, then the polish),
-OTT-JAX's ``FreeWassersteinBarycenter`` (``solver="ott"``, one start, timed once; on the first
-``--ott_classes`` classes only, it is slow) and learned weights (OTT-JAX k-means). Every W2^2 is
-measured exactly by POT's ``ot.emd2`` against the uniform measure on the class's points; JAX
-times are after compilation (one warm-up call per shape and method), the methods alternate
-within a class so that the shared machine's load hits them alike, and each time is the best of
-``--repeats`` calls.
+calls it) and, through ``free_support_barycenter``: the default (``solver="semidual"``: starts
+on a 512-point subsample, half seeded by OTT-JAX k-means and half by a Gaussian fit, each
+polished 5 iterations there and then ranked by one polish iteration on all points, the winner
+polished on all points; 8 starts up to k=10, fewer for larger k), the previous default
+(``previous``: 4 k-means++ starts on all points, no subsample, stop_fraction 1e-3), one start
+(``num_inits=1``), the OTT-JAX annealed solver (``solver="annealed"``: one start, five OTT
+Sinkhorn annealing stages, then the polish), OTT-JAX's ``FreeWassersteinBarycenter``
+(``solver="ott"``, one start, timed once; on the first ``--ott_classes`` classes only, it is
+slow) and learned weights (OTT-JAX k-means). Every W2^2 is measured exactly by POT's ``ot.emd2``
+against the uniform measure on the class's points.
+
+Times are per class as the library runs classes on a CPU: one class per call
+(``class_barycenters`` solves one class at a time there), each call's wall time including its
+dispatch and the input checks; JAX times are after compilation (one warm-up call per shape and
+method). The methods alternate within a class so that the shared machine's load hits them alike,
+each time is the best of ``--repeats`` calls, and the load averages before and after are
+recorded.
 
 Families (synthetic, post-ReLU, clustered like penultimate features):
   cifar: n=5000, d=512, k=50, 10 sub-clusters of uneven sizes per class (the paper's CIFAR-10
@@ -25,7 +32,8 @@ Families (synthetic, post-ReLU, clustered like penultimate features):
 
 Writes bench/results/barycenter.json and prints a table; the figures are in docs/benchmarks.md.
 
-``--study anneal`` instead runs the study of the default's robustness against OTT-JAX annealing:
+``--study anneal`` instead runs the study of the default's robustness (against the previous
+default, one start and OTT-JAX annealing):
 15 seeded stress clouds (2-5 well-separated clusters of unequal sizes with n 800-2000, d
 32/64/128, k 5/10/20, and ImageNet-like clouds with n=1300, d=512, k 10/50) and 8 small ones
 (n=300, d=16, k=5, 4 clusters), W2^2 relative to the better of two POT runs (k random data
@@ -89,10 +97,11 @@ def stress_cloud(seed: int) -> tuple[np.ndarray, int]:
 
 
 SCHEDULES = {
-    "default (semidual, 4 starts)": {},
-    "semidual, 1 start": {"num_inits": 1},
+    "default": {},
+    "previous default (4 k-means++ starts, all points)": {
+        "subsample": 0, "num_inits": 4, "gaussian_inits": 0, "stop_fraction": 1e-3},
+    "one start": {"num_inits": 1},
     "annealed (2, 0.6, 0.2, 0.06, 0.02), 1 start": {"solver": "annealed"},
-    "annealed (0.3, 0.1, 0.03), 1 start": {"solver": "annealed", "anneal": (0.3, 0.1, 0.03)},
     "annealed (2, 0.6, 0.2, 0.06, 0.02), 2 starts": {"solver": "annealed", "num_inits": 2},
 }
 
@@ -164,8 +173,9 @@ def timed(fn) -> tuple[float, object]:
 
 METHODS = {
     "default": {},
+    "previous": {"subsample": 0, "num_inits": 4, "gaussian_inits": 0, "stop_fraction": 1e-3},
+    "one_start": {"num_inits": 1},
     "annealed": {"solver": "annealed"},
-    "semidual_1start": {"num_inits": 1},
     "ott": {"solver": "ott"},
     "learned": {"learn_weights": True},
 }
@@ -266,11 +276,18 @@ def main() -> None:
           "families": families, "classes": args.classes, "ott_classes": args.ott_classes,
           "repeats": args.repeats, "seed": args.seed,
           "pot": "ot.lp.free_support_barycenter, random normal init, numItermax=100",
-          "default": "wmdd_jax.barycenter defaults: semi-dual solver, num_inits=4, "
-                     "prune_iterations=5 (float32, jitted; times after compilation)",
+          "default": "wmdd_jax.barycenter defaults: semi-dual solver; starts on a 512-point "
+                     "subsample (half OTT-JAX k-means seeds, half Gaussian), 5 polish iterations "
+                     "each, ranked by one polish iteration on all points; 8 starts for k <= 10, "
+                     "min(8, max(2, 80 // k)) in general; stop_fraction 5e-3 (float32, jitted)",
+          "previous": "the previous default: 4 k-means++ starts on all points, pruned after 5 "
+                      "iterations, stop_fraction 1e-3",
+          "one_start": "num_inits=1 (one OTT-JAX k-means start on the subsample)",
           "annealed": "solver='annealed': one k-means++ start, OTT-JAX Sinkhorn annealing at "
                       "2/0.6/0.2/0.06/0.02 of the mean cost, then the Laguerre polish",
-          "semidual_1start": "num_inits=1",
+          "timing": "per class, one class per call as class_barycenters runs on CPU (dispatch and "
+                    "input checks included), after compilation, best of repeats; methods "
+                    "interleaved within each class",
           "learned": "learn_weights=True: OTT-JAX k_means, 4 runs, mass-weighted k-means++",
           "ott": "solver='ott': OTT-JAX FreeWassersteinBarycenter, Sinkhorn, one start",
           "w2": "ot.emd2 (exact, float64) against the uniform measure on the class's points",
@@ -279,7 +296,7 @@ def main() -> None:
       "overall": overall,
       "per_class": rows,
       "machine": machine(
-          pot=ot.__version__, load_average_before=load_before,
+          pot=ot.__version__, load_average_before=load_before, load_average_after=os.getloadavg(),
           note="shared machine: methods alternate per class; best of repeats"),
   }
   write_result(args.out, result)

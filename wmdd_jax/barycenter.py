@@ -6,22 +6,40 @@ w_j = 1/k), the barycenter minimises W2^2(sum_j w_j delta_{b_j}, Y) over B: a *b
 Cuturi-Doucet fixed point solves the transport plan T between B and Y and moves each b_j to the
 centroid of the mass it receives (POT does this with an exact network-simplex LP per iteration).
 
-The default solver (``solver="semidual"``) runs, from each of ``num_inits=4`` mass-weighted
-greedy k-means++ seedings (zero-mass padding rows are never drawn) and a few Lloyd steps, the
-**Laguerre polish**: the plan's potentials g (k values) are balanced through the *semi-dual*
+The default solver (``solver="semidual"``) runs several starts and keeps the best:
 
-  max_g  F(g) = <w, g> - eps * sum_i a_i logsumexp_j(log w_j + (g_j - C_ij) / eps)
+1. Starts run on a random subsample of ``subsample=512`` points of the class (all points when
+   it has fewer). Half of them (``gaussian_inits``) are seeded by OTT-JAX's ``ott.tools.k_means``
+   (one run each: a mass-weighted greedy k-means++ seeding of this module, which never draws
+   zero-mass padding rows, refined by 3 Lloyd steps on an ``ott.geometry.pointcloud.PointCloud``),
+   the other half by k draws from the Gaussian of the points' mean and per-coordinate spread
+   (as from POT's random normal start, the first balanced plan then shares the points among
+   the support by random projections, so the support is spread over the clusters by mass).
+   Neither kind alone is safe: on clouds of a few well-separated clusters of unequal sizes each
+   kind ends 4-30% above POT's exact W2^2 from some seeds, and on different clouds (measured
+   on 47 seeded clouds while choosing this default).
+2. Every start runs ``prune_iterations=5`` iterations of the **Laguerre polish** on the
+   subsample: the plan's potentials g (k values) are balanced through the *semi-dual*
 
-(eps = ``epsilon`` = 1% of the mean cost; the entropic smoothing of
-<w, g> + sum_i a_i min_j (C_ij - g_j)) by damped (Levenberg-Marquardt) Newton steps with k x k
-linear algebra, warm-started from the previous iteration's g, and each b_j moves to the centroid
-of its hard Laguerre cell {i : j = argmin_j' C_ij' - g_j'} (the exact plan up to the few points
-the LP would split), free of the entropic blur of soft plans. Iterations stop once less than
-``stop_fraction`` of the mass changes cell. Every start runs ``prune_iterations=5`` iterations
-and only the one of lowest cost continues: one start alone ends up to 30% above POT's exact W2^2
-on clouds of a few well-separated clusters of unequal sizes (the support is shared out among the
-clusters wrongly, a local optimum no fixed-point step leaves); bench/barycenter.py's
-``--study anneal`` measures this.
+     max_g  F(g) = <w, g> - eps * sum_i a_i logsumexp_j(log w_j + (g_j - C_ij) / eps)
+
+   (eps = ``epsilon`` = 1% of the mean cost; the entropic smoothing of
+   <w, g> + sum_i a_i min_j (C_ij - g_j)) by damped (Levenberg-Marquardt) Newton steps with
+   k x k linear algebra, warm-started from the previous iteration's g, and each b_j moves to
+   the centroid of its hard Laguerre cell {i : j = argmin_j' C_ij' - g_j'} (the exact plan up to
+   the few points the LP would split), free of the entropic blur of soft plans.
+3. Each start then runs one polish iteration on all points, whose unregularised semi-dual
+   (a lower bound on the W2^2 of that support, tight once g balances the cells) ranks the
+   starts: ranked on the subsample alone, sampling noise in the clusters' masses can flip
+   near-ties between ways of sharing the support among clusters that differ by 10% and more
+   on all points.
+4. The winner's polish continues on all points until less than ``stop_fraction`` of the mass
+   changes cell in one iteration.
+
+A start's work grows about linearly with k, while a support point shared out to the wrong
+cluster carries 1/k of the mass, so ``num_inits=None`` runs 8 starts up to k=10 and
+min(8, max(2, 80 // k)) in general (2 from k=40: at k=50 one start already stays within 1% of
+POT on such clouds).
 
 ``solver="annealed"`` is the OTT-JAX route: one seeding, then for each relative epsilon of
 ``anneal`` (default 2, 0.6, 0.2, 0.06, 0.02 times the mean cost at the seeding) OTT-JAX's
@@ -31,7 +49,8 @@ stage's potentials (f, g), every b_j moves to the barycentre of its plan column,
 above finishes from OTT's g. Annealing repairs most one-start failures (stress clouds of
 unequal clusters) but, deterministic, it lands in the same poor optimum from every start on
 some small clouds of a few clusters (3-13% above POT, the study above), so it is not the
-default. ``solver="ott"`` runs OTT-JAX's ``FreeWassersteinBarycenter``
+default. In the default the plans are solved by the semi-dual Newton iteration above (our own,
+from OTT-JAX-seeded starts); OTT-JAX's Sinkhorn solves them only in "annealed". ``solver="ott"`` runs OTT-JAX's ``FreeWassersteinBarycenter``
 (``ott.solvers.linear.continuous_barycenter`` on a ``FreeBarycenterProblem``) from one seeding,
 the reference entropic solver; about two orders of magnitude slower on CPU here, and its
 entropic plans blur the support.
@@ -93,9 +112,9 @@ class BarycenterOptions:
   (``--config.barycenter.<field>``).
 
   Attributes:
-    solver: "semidual" (the default: k-means++ starts, Lloyd, then the Laguerre polish; see the
-      module docstring), "annealed" (OTT-JAX Sinkhorn annealing before the polish) or "ott"
-      (OTT-JAX's FreeWassersteinBarycenter, the slow entropic reference; uniform weights
+    solver: "semidual" (the default: subsampled, ranked multi-start, then the Laguerre polish;
+      see the module docstring), "annealed" (OTT-JAX Sinkhorn annealing before the polish) or
+      "ott" (OTT-JAX's FreeWassersteinBarycenter, the slow entropic reference; uniform weights
       only).
     anneal: relative epsilons (multiples of the mean cost at the seeding) of the annealing
       stages of the "annealed" solver, one Sinkhorn solve and one support move each, in order.
@@ -106,7 +125,8 @@ class BarycenterOptions:
     sinkhorn_iterations: cap on Sinkhorn iterations per annealing stage.
     num_iterations: cap on the polish iterations (plan, then move).
     stop_fraction: the polish stops once at most this fraction of the mass changes cell in
-      one iteration (the plan has settled); 0 runs all ``num_iterations``.
+      one iteration (the plan has settled; the W2^2 then moves by about 0.05% or less, where
+      1e-3 runs about twice as many iterations); 0 runs all ``num_iterations``.
     lloyd_steps: Lloyd (k-means) steps after the k-means++ seeding. None: 3 (a cheap warm
       start for the polish), 0 for "annealed" (the annealing does their work), at most 100 for
       ``learn_weights`` (where k-means is the whole solver and stops once converged).
@@ -116,15 +136,19 @@ class BarycenterOptions:
     max_newton_steps: cap on damped Newton steps per semi-dual solve.
     init_candidates: seeds tried per greedy k-means++ step (the one that lowers the k-means cost
       most is kept). None: 2 + int(log k), as scikit-learn.
-    num_inits: independent seedings solved per call (one after another); the lowest-cost one
-      is kept. None: 4 for "semidual" (one start of it can end far above POT's optimum on
-      clouds of a few unequal clusters; four stayed within 1% on every seeded cloud measured)
-      and for ``learn_weights`` (OTT k-means runs, vmapped), 1 for "annealed" and "ott". 1 is
-      the fast choice where one start suffices (large k on unclustered features:
-      docs/benchmarks.md).
+    num_inits: independent starts solved per call (one after another); the lowest-cost one is
+      kept. None: for "semidual" min(8, max(2, 80 // k)) (8 up to k=10; one start can end far
+      above POT's optimum on clouds of a few unequal clusters), 4 for ``learn_weights`` (OTT
+      k-means runs, vmapped), 1 for "annealed" and "ott".
     prune_iterations: with num_inits > 1 (uniform weights; "annealed" and "semidual"), every
-      start runs this many polish iterations, then only the start of lowest W2^2 continues;
-      0 runs every start to the end.
+      start runs this many polish iterations (on the subsample), then is ranked (by one
+      iteration on all points when subsampled) and only the best continues; 0 runs every
+      start to the end.
+    subsample: the starts run on a random subsample of this many points (drawn by mass) when a
+      class has more, then the winner is polished on all points; 0: all points throughout.
+    gaussian_inits: how many of the starts are seeded from the Gaussian fit of the points
+      (mean and per-coordinate spread) instead of OTT-JAX k-means. None: half of them, rounded
+      down, for "semidual"; none for "annealed".
     ott_epsilon: OTT FreeWassersteinBarycenter's entropic regularisation ("ott" solver),
       relative to the mean cost (its PointCloud convention); static.
   """
@@ -134,7 +158,7 @@ class BarycenterOptions:
   sinkhorn_threshold: float = 1e-3
   sinkhorn_iterations: int = 200
   num_iterations: int = 30
-  stop_fraction: float = 1e-3
+  stop_fraction: float = 5e-3
   lloyd_steps: int | None = None
   epsilon: float = 0.01
   tolerance: float = 1e-2
@@ -142,17 +166,19 @@ class BarycenterOptions:
   init_candidates: int | None = None
   num_inits: int | None = None
   prune_iterations: int = 5
+  subsample: int = 512
+  gaussian_inits: int | None = None
   ott_epsilon: float = 0.01
 
   def __post_init__(self):
     for name in ("num_iterations", "max_newton_steps", "prune_iterations",
-                 "sinkhorn_iterations"):
+                 "sinkhorn_iterations", "subsample"):
       value, low = getattr(self, name), int(name in ("max_newton_steps", "sinkhorn_iterations"))
       if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"barycenter option {name}={value!r} must be an int >= {low}.")
-    for name in ("lloyd_steps", "init_candidates", "num_inits"):
+    for name in ("lloyd_steps", "init_candidates", "num_inits", "gaussian_inits"):
       value = getattr(self, name)
-      low = 0 if name == "lloyd_steps" else 1
+      low = 0 if name in ("lloyd_steps", "gaussian_inits") else 1
       if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                 or value < low):
         raise ConfigError(f"barycenter option {name}={value!r} must be None or an int >= {low}.")
@@ -173,11 +199,24 @@ class BarycenterOptions:
       object.__setattr__(self, name, float(getattr(self, name)))
     object.__setattr__(self, "anneal", anneal)
 
-  def starts(self, learn_weights: bool) -> int:
+  def starts(self, learn_weights: bool, num_support: int) -> int:
     """The number of independent starts (``num_inits`` with its None resolved)."""
     if self.num_inits is not None:
       return self.num_inits
-    return 4 if learn_weights or self.solver == "semidual" else 1
+    if learn_weights:
+      return 4
+    if self.solver != "semidual":
+      return 1
+    # A start's work grows about linearly with k while a support point shared out to the wrong
+    # cluster carries 1/k of the mass: 8 starts up to k=10, 2 from k=40.
+    return min(8, max(2, 80 // num_support))
+
+  def gaussian_starts(self, starts: int) -> int:
+    """How many of ``starts`` (uniform weights) are Gaussian seedings (``gaussian_inits`` with
+    its None resolved: half, rounded down, for "semidual"; none for "annealed")."""
+    if self.gaussian_inits is not None:
+      return min(self.gaussian_inits, starts)
+    return starts // 2 if self.solver == "semidual" else 0
 
 
 SOLVERS = ("annealed", "semidual", "ott")
@@ -447,44 +486,56 @@ def _balanced(
     g: jax.Array,
     opts: BarycenterOptions,
     estimate_cost: bool,
-) -> tuple[jax.Array, jax.Array]:
+    num_iterations: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The Laguerre polish: hard-cell fixed-point iterations from ``support`` f32[k, d] and
-  potentials ``g`` f32[k] (zeros, or a warm start from an entropic plan).
+  potentials ``g`` f32[k] (zeros, or a warm start from an entropic plan or an earlier polish).
+
+  Runs at most ``num_iterations`` (None: ``opts.num_iterations``) iterations.
 
   Returns:
-    (support f32[k, d], a W2^2 estimate f32[] when ``estimate_cost``, else 0).
+    (support f32[k, d], its potentials g f32[k], a W2^2 estimate f32[] when ``estimate_cost``,
+    else 0).
   """
   k = support.shape[0]
   w = jnp.full((k,), 1.0 / k, points.dtype)
   weighted = points * mass[:, None]
 
+  max_iterations = opts.num_iterations if num_iterations is None else num_iterations
+
   def cond(state):
-    _, _, _, moved, step = state
-    return (step < opts.num_iterations) & (moved > opts.stop_fraction)
+    _, _, _, moved, step, _ = state
+    return (step < max_iterations) & (moved > opts.stop_fraction)
 
   def body(state):
-    support, g, labels, _, step = state
+    support, g, labels, _, step, _ = state
     cost = _sq_dists(points, sq_norms, support)
     eps = opts.epsilon * _mean_cost(cost, mass, w)
     g, _ = _solve_semidual(cost, mass, w, g, eps, opts.tolerance, opts.max_newton_steps)
-    new_labels = jnp.argmin(cost - g, 1)
+    reduced = cost - g
+    new_labels = jnp.argmin(reduced, 1)
+    # W2^2 of this iteration's support from below: the unregularised semi-dual at its balanced
+    # potentials (weak duality; close, as g balances the cells to ``tolerance``). The move
+    # below only lowers the cost, so this ranks starts; a bound taken after the move, with g
+    # stale for the moved support, can sit far below after large moves.
+    bound = jnp.sum(w * g) + mass @ jnp.min(reduced, 1) if estimate_cost else 0.0
     support, _ = _cell_means(new_labels, mass, weighted, support)
     # Mass that changed cell: the plan's change, zero at an exact fixed point.
     moved = jnp.where(step > 0, jnp.sum(jnp.where(new_labels != labels, mass, 0.0)), jnp.inf)
-    return support, g, new_labels, moved, step + 1
+    return support, g, new_labels, moved, step + 1, jnp.asarray(bound, points.dtype)
 
   # F is invariant to g + c; centring keeps float32 potentials small.
   g = (g - jnp.mean(g)).astype(points.dtype)
   labels = jnp.zeros(points.shape[0], jnp.int32)
-  state = (support, g, labels, jnp.asarray(jnp.inf, points.dtype), 0)
-  support, g, _, _, _ = jax.lax.while_loop(cond, body, state)
+  inf = jnp.asarray(jnp.inf, points.dtype)
+  state = (support, g, labels, inf, 0, -inf)
+  support, g, _, _, _, bound = jax.lax.while_loop(cond, body, state)
   if not estimate_cost:
-    return support, jnp.zeros((), points.dtype)
-  # Enough to rank starts, whose costs differ by percents: the unregularised semi-dual at the
-  # last potentials (a lower bound on W2^2, weak duality, close once the cells have settled),
-  # one O(nkd) pass where the near-exact _dual_w2 would anneal four more solves.
-  cost = _sq_dists(points, sq_norms, support)
-  return support, jnp.sum(w * g) + mass @ jnp.min(cost - g, 1)
+    return support, g, jnp.zeros((), points.dtype)
+  if max_iterations == 0:  # no iteration ran: the bound at the given potentials
+    cost = _sq_dists(points, sq_norms, support)
+    bound = jnp.sum(w * g) + mass @ jnp.min(cost - g, 1)
+  return support, g, bound
 
 
 def _anneal(
@@ -597,7 +648,7 @@ def _solve_one(
   mass = mass.astype(jnp.float32)
   sq_norms = jnp.sum(points * points, -1)
   candidates = opts.init_candidates or 2 + int(math.log(num_support))
-  starts = opts.starts(learn_weights)
+  starts = opts.starts(learn_weights, num_support)
   lloyd_steps = opts.lloyd_steps
   if lloyd_steps is None:
     lloyd_steps = 100 if learn_weights else 0 if opts.solver == "annealed" else 3
@@ -609,39 +660,105 @@ def _solve_one(
     return Barycenter(support, weights / jnp.sum(weights))
 
   uniform = jnp.full((num_support,), 1.0 / num_support, jnp.float32)
+  if opts.solver == "ott":
+    # OTT-JAX's FreeWassersteinBarycenter from one k-means++ seeding (the slow reference).
+    support = _kmeans_pp(key, points, mass, sq_norms, num_support, candidates)
+    support, _, _ = _lloyd(points, mass, sq_norms, support, lloyd_steps)
+    return Barycenter(_ott_barycenter(points, mass, support, opts), uniform)
+
+  sub_key, start_key = jax.random.split(key)
+  # The starts run on a random subsample of the points (all of them when the class is small),
+  # then the winner's polish finishes on every point.
+  subsampled = 0 < opts.subsample < points.shape[0]
+  if subsampled:
+    idx = _subsample(sub_key, mass, opts.subsample)
+    s_points, s_sq = points[idx], sq_norms[idx]
+    s_mass = jnp.where(mass[idx] > 0, 1.0, 0.0)
+    s_mass = s_mass / jnp.sum(s_mass)
+  else:
+    s_points, s_mass, s_sq = points, mass, sq_norms
+  gaussian = opts.gaussian_starts(starts)
   # Pruned multi-start: every start runs ``prune_iterations`` polish iterations, then only the
   # best continues.
-  prune = (opts.solver != "ott" and starts > 1
-           and 0 < opts.prune_iterations < opts.num_iterations)
-  start_opts = dataclasses.replace(opts, num_iterations=opts.prune_iterations) if prune else opts
+  prune = starts > 1 and 0 < opts.prune_iterations < opts.num_iterations
+  first = opts.prune_iterations if prune else opts.num_iterations
 
-  def run(key):
-    support = _kmeans_pp(key, points, mass, sq_norms, num_support, candidates)
-    support, _, kmeans_cost = _lloyd(points, mass, sq_norms, support, lloyd_steps)
-    if opts.solver == "ott":
-      return _ott_barycenter(points, mass, support, opts), kmeans_cost
+  def run(key, kind):
+    if kind == "gaussian":
+      support = _gaussian_seed(key, s_points, s_mass, num_support)
+    else:
+      support = _kmeans_seed(key, s_points, s_mass, s_sq, num_support, candidates, lloyd_steps)
     g = jnp.zeros((num_support,), jnp.float32)
     if opts.solver == "annealed" and opts.anneal:
-      support, g = _anneal(points, mass, support, opts)
-    support, cost = _balanced(points, mass, sq_norms, support, g, start_opts, starts > 1)
-    return support, cost
+      support, g = _anneal(s_points, s_mass, support, opts)
+    if not subsampled or starts == 1:
+      return _balanced(s_points, s_mass, s_sq, support, g, opts, starts > 1, first)
+    # Ranked on every point: one polish iteration on all points gives the cost (from below) of
+    # the support the subsample led to. A subsample's cluster masses differ from the class's by
+    # sampling noise, which can flip near-ties between ways of sharing the support among
+    # clusters that differ by 10% and more on all points.
+    support, g, _ = _balanced(s_points, s_mass, s_sq, support, g, opts, False, first)
+    return _balanced(points, mass, sq_norms, support, g, opts, True, 1)
 
+  keys = jax.random.split(start_key, starts)
   if starts == 1:
-    support, _ = run(key)
+    support, g, _ = run(keys[0], "gaussian" if gaussian else "kmeans")
   else:
     # One start after another (lax.map, not vmap): vmapped, every start's while loops would run
-    # until the slowest converges and the semi-dual's fast-path cond would compute both branches,
-    # about 20x one start instead of num_inits x (bench/barycenter.py).
-    supports, costs = jax.lax.map(run, jax.random.split(key, starts))
+    # until the slowest converges and the semi-dual's fast-path cond would compute both branches.
+    outs = [jax.lax.map(functools.partial(run, kind=kind), part) for kind, part in
+            (("kmeans", keys[:starts - gaussian]), ("gaussian", keys[starts - gaussian:]))
+            if part.shape[0]]
+    supports, gs, costs = (jnp.concatenate(x) for x in zip(*outs, strict=True))
     # Starts within 1e-5 (relative) of the best count as tied and the first of them wins, so
     # float round-off (vmapped over classes or not) does not flip the choice between them.
     best = jnp.argmax(costs <= jnp.min(costs) * (1 + 1e-5) + 1e-30)
-    support = supports[best]
-    if prune:
-      rest = dataclasses.replace(opts, num_iterations=opts.num_iterations - opts.prune_iterations)
-      support, _ = _balanced(points, mass, sq_norms, support, jnp.zeros_like(uniform), rest,
-                             False)
+    support, g = supports[best], gs[best]
+    if subsampled:  # the winner has run one iteration on all points
+      support, _, _ = _balanced(points, mass, sq_norms, support, g, opts, False,
+                                opts.num_iterations - 1)
+    elif prune:
+      support, _, _ = _balanced(points, mass, sq_norms, support, g, opts, False,
+                                opts.num_iterations - opts.prune_iterations)
+    return Barycenter(support, uniform)
+  if subsampled:
+    support, _, _ = _balanced(points, mass, sq_norms, support, g, opts, False)
   return Barycenter(support, uniform)
+
+
+def _subsample(key: jax.Array, mass: jax.Array, size: int) -> jax.Array:
+  """Indices i32[size] of ``size`` distinct points drawn with probability ~ mass, in index order.
+
+  Each point's Gumbel score depends on its index alone (``fold_in``), so zero-mass padding rows,
+  which are never drawn unless there are fewer real points than ``size``, do not change the draw.
+  """
+  scores = jax.vmap(lambda i: jax.random.gumbel(jax.random.fold_in(key, i)))(
+      jnp.arange(mass.shape[0]))
+  scores = jnp.where(mass > 0, scores + jnp.log(jnp.where(mass > 0, mass, 1.0)), -jnp.inf)
+  return jnp.sort(jax.lax.top_k(scores, size)[1])
+
+
+def _gaussian_seed(key: jax.Array, points: jax.Array, mass: jax.Array, num_support: int
+                   ) -> jax.Array:
+  """k support points drawn from the Gaussian of the points' mean and per-coordinate spread.
+
+  As from POT's random normal start, the first balanced plan then shares the points among the
+  support by random linear projections, so the support is spread over the clusters by mass
+  (where k-means++ spreads it by spatial extent): the two kinds of start fail on different
+  clouds.
+  """
+  mean = mass @ points
+  std = jnp.sqrt(mass @ jnp.square(points - mean))
+  return mean + std * jax.random.normal(key, (num_support, points.shape[1]), points.dtype)
+
+
+def _kmeans_seed(key, points, mass, sq_norms, num_support, candidates, lloyd_steps):
+  """A mass-weighted k-means++ seeding refined by ``lloyd_steps`` Lloyd steps of OTT-JAX's
+  ``ott.tools.k_means`` (one run)."""
+  if lloyd_steps == 0:
+    return _kmeans_pp(key, points, mass, sq_norms, num_support, candidates)
+  support, _ = _kmeans(points, mass, sq_norms, key, num_support, candidates, 1, lloyd_steps)
+  return support
 
 
 _solve_jit = jax.jit(_solve_one, static_argnums=(3, 4, 5),
