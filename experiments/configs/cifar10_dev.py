@@ -24,7 +24,8 @@ Why (issue 14's screening study, bench/results/study_cifar10_dev.json; validatio
 student epochs; IPC 10; val top-1 per seed 0 / 1):
   random real 46.0 / 46.6; WMDD from noise 45.6 / -; WMDD from real 46.9 / 47.8 (+0.9 / +1.1 paired
   over random): init "real". Recover crops 0.5-1 from real 45.8 / 48.5 vs 0.08-1 46.9 / 47.8: no
-  evidence to leave the official 0.08-1. SRe2L (CE+BN) from real 51.1 / 46.3: not beaten by WMDD
+  evidence to leave the official 0.08-1. r_bn 0.3 / 3 from real: 44.5 / 48.5 and 46.5 / 48.1 vs
+  r_bn 1's 46.9 / 47.8: r_bn stays 1. SRe2L (CE+BN) from real 51.1 / 46.3: not beaten by WMDD
   here (see the study's findings). ``:resnet18`` variant: ResNet-18 with the CIFAR stem, for a
   lent GPU (bench/accuracy_gpu.sh).
 """
