@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from bench.common import RESULTS_DIR, ROOT, machine, write_result
+from bench.sweep import with_validation_split
 from wmdd_jax.errors import ConfigError
 
 RUNS_DIR = os.path.join(ROOT, "bench", "runs", "accuracy")
@@ -120,14 +121,13 @@ def markdown(result: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _run_cell(config: Any, workdir: str) -> dict[str, Any]:
+def _run_cell(config: Any, workdir: str, stop_after: str = "evaluate") -> dict[str, Any]:
   """One pipeline run in this process (the worker side of --workers); returns its metrics."""
   from absl import logging  # noqa: PLC0415 - spawned workers import JAX only here
 
   from wmdd_jax import pipeline  # noqa: PLC0415
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   t0 = time.perf_counter()
-  stop_after = "teacher" if workdir.endswith(os.sep + "teacher_run") else "evaluate"
   metrics = pipeline.run(config, workdir, stop_after=stop_after,
                          log=lambda msg: print(f"    [{os.path.basename(workdir)}] {msg}",
                                                flush=True))
@@ -171,12 +171,7 @@ def run_grid(config: Any, *, config_name: str, methods: Sequence[str] = DEFAULT_
     raise ConfigError(f"--ipcs needs values >= 1 and --seeds values >= 0; got {ipcs}, {seeds}.")
   if int(workers) < 1:
     raise ConfigError(f"--workers={workers} must be >= 1.")
-  base = config.copy_and_resolve_references()
-  if val_fraction:
-    if not 0.0 < val_fraction < 1.0:
-      raise ConfigError(f"--val_fraction={val_fraction} must be in (0, 1), e.g. 0.1.")
-    base.dataset.options.val_fraction = float(val_fraction)
-    base.dataset.test_split = "val"
+  base = with_validation_split(config, val_fraction)
   debug = bool(base.get("debug", False))
   name = config_name + ("_debug" if debug else "")
   out = os.path.abspath(out or os.path.join(RUNS_DIR, name + ("_val" if val_fraction else "")))
@@ -228,7 +223,7 @@ def run_grid(config: Any, *, config_name: str, methods: Sequence[str] = DEFAULT_
       cfg = base.copy_and_resolve_references()
       cfg.seed = seeds[0]
       pool.submit(_run_cell, cfg,
-                  os.path.join(out, "teacher_run")).result()
+                  os.path.join(out, "teacher_run"), "teacher").result()
     todo = {pool.submit(_run_cell, cell_config(*c), os.path.join(out, cell_name(*c))): c
             for c in plan if c not in done}
     for future in concurrent.futures.as_completed(todo):

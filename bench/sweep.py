@@ -54,6 +54,23 @@ RUNS_DIR = os.path.join(ROOT, "bench", "runs", "sweep")
 TEACHER_SECTIONS = ("teacher", "dataset", "parallel")
 
 
+def with_validation_split(config: Any, val_fraction: float) -> Any:
+  """A copy of ``config`` that holds out a stratified ``val_fraction`` of the train split and
+  scores on it (``test_split="val"``); an unchanged copy when ``val_fraction`` is 0.
+
+  Raises:
+    ConfigError: ``val_fraction`` outside [0, 1).
+  """
+  base = config.copy_and_resolve_references()
+  if val_fraction:
+    if not 0.0 < val_fraction < 1.0:
+      raise ConfigError(f"--val_fraction={val_fraction} must be in (0, 1), e.g. 0.1.")
+    with base.unlocked():  # dataset.options may not have the key yet
+      base.dataset.options.val_fraction = float(val_fraction)
+      base.dataset.test_split = "val"
+  return base
+
+
 def split_values(text: str) -> list[str]:
   """Splits ``"1,(2,3),'a,b'"`` at the commas outside brackets and quotes."""
   items, current, depth, quote = [], [], 0, ""
@@ -253,13 +270,7 @@ def run_sweep(config: Any, *, config_name: str, sweeps: Sequence[str] = (),
   """
   import jax  # noqa: PLC0415
 
-  base = config.copy_and_resolve_references()
-  if val_fraction:
-    if not 0.0 < val_fraction < 1.0:
-      raise ConfigError(f"--val_fraction={val_fraction} must be in (0, 1), e.g. 0.1.")
-    with base.unlocked():
-      base.dataset.options.val_fraction = float(val_fraction)
-      base.dataset.test_split = "val"
+  base = with_validation_split(config, val_fraction)
   axes = parse_axes(base, sweeps)
   try:
     seeds = tuple(dict.fromkeys(int(s) for s in seeds))

@@ -42,3 +42,17 @@ def test_summary_and_markdown_report_mean_and_sample_std():
   assert "| wmdd | official | 53.0 +- 3.6 (3) |" in table
   assert "| random | - | 40.0 (1) |" in table
   assert "top-1 70.0%" in table
+
+
+def test_validation_split_works_on_a_locked_config_without_the_option():
+  """The CLI locks the config; Fashion-MNIST's dataset.options has no val_fraction key yet."""
+  from bench.sweep import with_validation_split
+  from wmdd_jax.config import default_config
+  config = default_config()
+  config.lock()
+  held = with_validation_split(config, 0.1)
+  assert held.dataset.options.val_fraction == 0.1 and held.dataset.test_split == "val"
+  assert "val_fraction" not in config.dataset.options  # the caller's config is left alone
+  assert with_validation_split(config, 0.0).dataset.test_split == "test"
+  with pytest.raises(ConfigError, match="must be in"):
+    with_validation_split(config, 1.5)

@@ -50,7 +50,8 @@ above finishes from OTT's g. Annealing repairs most one-start failures (stress c
 unequal clusters) but, deterministic, it lands in the same poor optimum from every start on
 some small clouds of a few clusters (3-13% above POT, the study above), so it is not the
 default. In the default the plans are solved by the semi-dual Newton iteration above (our own,
-from OTT-JAX-seeded starts); OTT-JAX's Sinkhorn solves them only in "annealed". ``solver="ott"`` runs OTT-JAX's ``FreeWassersteinBarycenter``
+from OTT-JAX-seeded starts); OTT-JAX's Sinkhorn solves them only in "annealed".
+``solver="ott"`` runs OTT-JAX's ``FreeWassersteinBarycenter``
 (``ott.solvers.linear.continuous_barycenter`` on a ``FreeBarycenterProblem``) from one seeding,
 the reference entropic solver; about two orders of magnitude slower on CPU here, and its
 entropic plans blur the support.
