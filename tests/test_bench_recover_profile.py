@@ -1,0 +1,33 @@
+"""bench/recover_profile.py: its BN-free convolution network is the teacher's convolutions (the
+timing itself is the benchmark's job, not a test's)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bench import recover_profile
+from wmdd_jax.models import get_model, init_model
+
+
+def test_conv_layers_are_resnet18s_twenty_convolutions_with_their_input_shapes():
+  model = get_model("resnet18", 3, stem="cifar")
+  params = init_model(model, jax.random.key(0), (16, 16, 3))["params"]
+  x = jnp.ones((2, 16, 16, 3), jnp.float32)
+  layers = recover_profile._conv_layers(params, x)
+  assert len(layers) == 20
+  assert [n for n, _, _, s in layers if s == 2] == [
+      "layer2_0/conv1", "layer2_0/downsample_conv", "layer3_0/conv1",
+      "layer3_0/downsample_conv", "layer4_0/conv1", "layer4_0/downsample_conv"]
+  for name, inp, kernel, _ in layers:
+    assert inp.shape[-1] == kernel.shape[2], name  # every input carries the kernel's channels
+  assert recover_profile._conv_relu_net(x, params).shape == (2, 512)
+
+
+def test_torch_convolution_matches_xlas_layout():
+  pytest.importorskip("torch")
+  rng = np.random.default_rng(0)
+  inp = jnp.asarray(rng.normal(size=(2, 8, 8, 4)).astype(np.float32))
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 5)).astype(np.float32))
+  ms = recover_profile._torch_conv_ms(inp, kernel, 2, 1, 1)
+  assert ms is not None and all(t > 0 for t in ms)
