@@ -90,13 +90,13 @@ def _imagenet_like(seed: int) -> tuple[np.ndarray, int]:
 
 
 def test_default_close_to_pot_on_unequal_clusters():
-  # The default (8 starts at these k, half OTT k-means and half Gaussian seeds, on a 512-point
-  # subsample, ranked by one polish iteration on all points) against POT's exact LP barycenter
-  # from k random data points, on 24 seeded clouds (seeds apart from bench/barycenter.py's): 20
-  # of a few well-separated clusters of unequal sizes and 4 ImageNet-like ones. Within 1% of
-  # POT's exact W2^2 on every cloud and 0.3% on the median. One start (num_inits=1) ends several
-  # percent above POT on seed 2007: the starts are what make the default safe. Learned weights
-  # (OTT k-means) are never worse than uniform.
+  # The default (8 starts at k=5, 6 at k=10, half OTT k-means and half Gaussian seeds, on a
+  # 512-point subsample, ranked by one polish iteration on all points) against POT's exact LP
+  # barycenter from k random data points, on 24 seeded clouds (seeds apart from
+  # bench/barycenter.py's): 20 of a few well-separated clusters of unequal sizes and 4
+  # ImageNet-like ones. Within 1% of POT's exact W2^2 on every cloud and 0.3% on the median. One
+  # start (num_inits=1) ends several percent above POT on seed 2007: the starts are what make the
+  # default safe. Learned weights (OTT k-means) are never worse than uniform.
   clouds = [(seed, *_unequal_clusters(seed)) for seed in range(2000, 2020)]
   clouds += [(seed, *_imagenet_like(seed)) for seed in range(2100, 2104)]
   ratios, learned_ratios = [], []

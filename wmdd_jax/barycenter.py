@@ -37,9 +37,9 @@ The default solver (``solver="semidual"``) runs several starts and keeps the bes
    changes cell in one iteration.
 
 A start's work grows about linearly with k, while a support point shared out to the wrong
-cluster carries 1/k of the mass, so ``num_inits=None`` runs 8 starts up to k=10 and
-min(8, max(2, 80 // k)) in general (2 from k=40: at k=50 one start already stays within 1% of
-POT on such clouds).
+cluster carries 1/k of the mass, so ``num_inits=None`` runs min(8, max(1, 60 // k)) starts: 8
+up to k=7, 6 at k=10, 3 at k=20 and one from k=31 (at k=50 one start stays within 1% of POT on
+the benchmark's clouds, and the per-class time is what keeps the default ahead of POT there).
 
 ``solver="annealed"`` is the OTT-JAX route: one seeding, then for each relative epsilon of
 ``anneal`` (default 2, 0.6, 0.2, 0.06, 0.02 times the mean cost at the seeding) OTT-JAX's
@@ -138,8 +138,8 @@ class BarycenterOptions:
     init_candidates: seeds tried per greedy k-means++ step (the one that lowers the k-means cost
       most is kept). None: 2 + int(log k), as scikit-learn.
     num_inits: independent starts solved per call (one after another); the lowest-cost one is
-      kept. None: for "semidual" min(8, max(2, 80 // k)) (8 up to k=10; one start can end far
-      above POT's optimum on clouds of a few unequal clusters), 4 for ``learn_weights`` (OTT
+      kept. None: for "semidual" min(8, max(1, 60 // k)) (8 up to k=7, 6 at k=10; one start can
+      end far above POT's optimum on clouds of a few unequal clusters), 4 for ``learn_weights`` (OTT
       k-means runs, vmapped), 1 for "annealed" and "ott".
     prune_iterations: with num_inits > 1 (uniform weights; "annealed" and "semidual"), every
       start runs this many polish iterations (on the subsample), then is ranked (by one
@@ -209,8 +209,8 @@ class BarycenterOptions:
     if self.solver != "semidual":
       return 1
     # A start's work grows about linearly with k while a support point shared out to the wrong
-    # cluster carries 1/k of the mass: 8 starts up to k=10, 2 from k=40.
-    return min(8, max(2, 80 // num_support))
+    # cluster carries 1/k of the mass: 8 starts up to k=7, 6 at k=10, 3 at k=20, one from k=31.
+    return min(8, max(1, 60 // num_support))
 
   def gaussian_starts(self, starts: int) -> int:
     """How many of ``starts`` (uniform weights) are Gaussian seedings (``gaussian_inits`` with
