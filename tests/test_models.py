@@ -64,6 +64,20 @@ def test_convnet_output_shapes(name, depth, channels):
   assert features.shape == (2, 128 * 3 * 3)
 
 
+def test_convnet_pooled_features_are_the_flat_maps_spatial_mean():
+  flat_model, pooled_model = get_model("convnet_d3", 4), get_model("convnet_d3", 4,
+                                                                   features="pooled")
+  x = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
+  variables = flat_model.init(jax.random.key(1), x, train=False)
+  logits, flat = flat_model.apply(variables, x, train=False)
+  logits_p, pooled = pooled_model.apply(variables, x, train=False)  # same parameters
+  np.testing.assert_array_equal(np.asarray(logits_p), np.asarray(logits))
+  expected = np.asarray(flat).reshape(3, 4, 4, 128).mean(axis=(1, 2))  # NHWC flattened
+  np.testing.assert_allclose(np.asarray(pooled), expected, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ConfigError, match="features='spatial'"):
+    get_model("convnet_d3", 4, features="spatial")
+
+
 def test_parameter_counts_match_torchvision():
   # torchvision.models.resnet18() / resnet50(): 11,689,512 and 25,557,032 parameters.
   for name, expected in [("resnet18", 11_689_512), ("resnet50", 25_557_032)]:

@@ -34,10 +34,13 @@ from wmdd_jax.config import default_config
 
 
 def get_config(variant: str = ""):
-  """``variant``: "" (ConvNet-D3) or "resnet18" (ResNet-18, CIFAR stem, teacher and student),
-  e.g. ``--config experiments/configs/cifar10_dev.py:resnet18``."""
-  if variant not in ("", "resnet18"):
-    raise ValueError(f"cifar10_dev.py: unknown variant {variant!r}; use '' or 'resnet18'.")
+  """``variant``: "" (ConvNet-D3), "pooled" (ConvNet-D3 whose features, for the barycenter and
+  the feature loss, are the last map's spatial mean: issue 14's study) or "resnet18" (ResNet-18,
+  CIFAR stem, teacher and student), e.g.
+  ``--config experiments/configs/cifar10_dev.py:resnet18``."""
+  if variant not in ("", "pooled", "resnet18"):
+    raise ValueError(f"cifar10_dev.py: unknown variant {variant!r}; use '', 'pooled' or "
+                     "'resnet18'.")
   c = default_config()
   c.dataset.spec = "npz:../shared/datasets/cifar10-dev/cifar10-dev.npz"
   c.dataset.options = {"val_fraction": 0.0}  # > 0 holds out a "val" split for tuning
@@ -49,6 +52,8 @@ def get_config(variant: str = ""):
   # Every recover method starts from the IPC real images that method "random" evaluates
   # (bench/results/study_cifar10_dev.json: WMDD from noise 45.6, from real 47.3 vs random 46.3).
   c.recover.init = "real"
+  if variant == "pooled":  # the same network and teacher checkpoint; only its features differ
+    c.teacher.model_options = {"features": "pooled"}
   if variant == "resnet18":
     c.teacher.model = "resnet18"
     c.teacher.model_options = {"stem": "cifar"}

@@ -10,8 +10,8 @@ Names and options:
   * ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``: ``stem`` ("imagenet" default,
     "tiny", "cifar", "tiny_official"), ``width`` (64), ``zero_init_residual`` (False),
     ``dtype`` (None).
-  * ``convnet``: ``depth`` (3), ``width`` (128), ``dtype``; ``convnet_d3`` / ``convnet_d4`` fix
-    the depth.
+  * ``convnet``: ``depth`` (3), ``width`` (128), ``dtype``, ``features`` ("flat" default, or
+    "pooled": the last map's spatial mean); ``convnet_d3`` / ``convnet_d4`` fix the depth.
 
 ``dtype`` may be None (float32), a string such as "bfloat16", or a jnp dtype; it is the compute
 dtype only (parameters and outputs stay float32).
@@ -38,6 +38,7 @@ from wmdd_jax.models.base import (
     apply_model,
     pool_moments,
 )
+from wmdd_jax.models.convnet import FEATURES as CONVNET_FEATURES
 from wmdd_jax.models.convnet import ConvNet
 from wmdd_jax.models.resnet import RESNET_LAYOUTS, STEMS, BasicBlock, Bottleneck, ResNet
 
@@ -124,6 +125,10 @@ def get_model(name: str, num_classes: int, **options: Any) -> nn.Module:
                   **options)
   if not isinstance(options.get("depth", 3), int) or options.get("depth", 3) < 1:
     raise ConfigError(f"ConvNet depth must be a positive int, got {options['depth']!r}.")
+  if options.get("features", "flat") not in CONVNET_FEATURES:
+    raise ConfigError(f"ConvNet features={options['features']!r} is not one of "
+                      f"{CONVNET_FEATURES} (a config file's model_options={{'features': "
+                      "'pooled'}).")
   return ConvNet(num_classes=num_classes, **options)
 
 
