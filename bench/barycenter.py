@@ -54,6 +54,7 @@ import time
 import jax
 import numpy as np
 import ot
+from threadpoolctl import threadpool_limits  # scikit-learn's dependency (requirements.txt)
 
 from bench.common import RESULTS_DIR, machine, write_result
 from wmdd_jax.barycenter import free_support_barycenter
@@ -219,10 +220,6 @@ def main() -> None:
         return ot.lp.free_support_barycenter([pts64], [np.full(n, 1.0 / n)], init)  # noqa: B023
 
       def pot_one_thread():
-        try:  # threadpoolctl comes with scikit-learn; without it, the BLAS's default threads
-          from threadpoolctl import threadpool_limits  # noqa: PLC0415
-        except ImportError:
-          return pot()
         with threadpool_limits(1):
           return pot()
 
@@ -285,7 +282,7 @@ def main() -> None:
               [summary[f][m]["speedup_median"] for f in families if m in summary[f]])),
           "w2_ratio_max": float(max(summary[f][m]["w2_ratio_max"]
                                     for f in families if m in summary[f]))}
-      for m in METHODS
+      for m in METHODS if any(m in summary[f] for f in families)  # --ott_classes 0: no ott
   }
   result = {
       "benchmark": "barycenter",

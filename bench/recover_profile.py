@@ -105,6 +105,18 @@ def _conv_relu_net(x, params):
   return jnp.mean(x, axis=(1, 2))
 
 
+def _torch_conv(inp, kernel, stride: int):
+  """The PyTorch module and NCHW input of :func:`_conv`'s convolution (same kernel, stride and
+  padding), as the official code lays them out."""
+  import torch  # noqa: PLC0415
+
+  kh, _, cin, cout = kernel.shape
+  conv = torch.nn.Conv2d(cin, cout, kh, stride, (kh - 1) // 2, bias=False)
+  conv.weight.data = torch.from_numpy(np.asarray(kernel).transpose(3, 2, 0, 1).copy())
+  conv.weight.requires_grad_(False)
+  return conv, torch.from_numpy(np.asarray(inp).transpose(0, 3, 1, 2).copy())
+
+
 def _torch_conv_ms(inp, kernel, stride: int, steps: int, threads: int):
   """(forward, input-gradient) ms of the same convolution in PyTorch (NCHW, as the official code
   runs it), or None when torch is not installed (it is the ``bench`` extra)."""
@@ -113,11 +125,8 @@ def _torch_conv_ms(inp, kernel, stride: int, steps: int, threads: int):
   except ImportError:
     return None
   torch.set_num_threads(threads)
-  kh, _, cin, cout = kernel.shape
-  conv = torch.nn.Conv2d(cin, cout, kh, stride, (kh - 1) // 2, bias=False)
-  conv.weight.data = torch.from_numpy(np.asarray(kernel).transpose(3, 2, 0, 1).copy())
-  conv.weight.requires_grad_(False)
-  x = torch.from_numpy(np.asarray(inp).transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+  conv, x = _torch_conv(inp, kernel, stride)
+  x.requires_grad_(True)
   with torch.no_grad():
     fwd = lambda: conv(x)
     fwd()

@@ -24,10 +24,17 @@ def test_conv_layers_are_resnet18s_twenty_convolutions_with_their_input_shapes()
   assert recover_profile._conv_relu_net(x, params).shape == (2, 512)
 
 
-def test_torch_convolution_matches_xlas_layout():
-  pytest.importorskip("torch")
+@pytest.mark.parametrize("size,stride", [(3, 1), (3, 2), (1, 2)])
+def test_torch_convolution_is_the_same_convolution_as_xlas(size, stride):
+  """The per-layer comparison times PyTorch and XLA on the same convolution: same outputs."""
+  torch = pytest.importorskip("torch")
   rng = np.random.default_rng(0)
   inp = jnp.asarray(rng.normal(size=(2, 8, 8, 4)).astype(np.float32))
-  kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 5)).astype(np.float32))
-  ms = recover_profile._torch_conv_ms(inp, kernel, 2, 1, 1)
+  kernel = jnp.asarray(rng.normal(size=(size, size, 4, 5)).astype(np.float32))
+  conv, x = recover_profile._torch_conv(inp, kernel, stride)
+  with torch.no_grad():
+    ours = conv(x).numpy().transpose(0, 2, 3, 1)  # back to NHWC
+  np.testing.assert_allclose(ours, np.asarray(recover_profile._conv(inp, kernel, stride)),
+                             rtol=1e-4, atol=1e-4)
+  ms = recover_profile._torch_conv_ms(inp, kernel, stride, 1, 1)
   assert ms is not None and all(t > 0 for t in ms)
