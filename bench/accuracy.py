@@ -121,6 +121,25 @@ def markdown(result: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _cell_config(base: Any, method: str, objective: str | None, ipc: int, seed: int) -> Any:
+  """The config of one cell: ``base`` with its method, IPC, seed and recover objective."""
+  cfg = base.copy_and_resolve_references()
+  cfg.method, cfg.ipc, cfg.seed = method, ipc, seed
+  if objective:
+    cfg.recover.objective = objective
+  return cfg
+
+
+def recover_switches(config: Any) -> dict[str, Any] | None:
+  """The method switches a cell's recover ran with (the config's ``recover`` section, its
+  ``method_switches`` and the method's own values resolved), None for methods without recover."""
+  from wmdd_jax import methods, pipeline  # noqa: PLC0415
+  if not methods.get_method(config.method).runs_recover:
+    return None
+  options = pipeline.recover_options(config)
+  return {name: getattr(options, name) for name in methods.SWITCHES}
+
+
 def _run_cell(config: Any, workdir: str, stop_after: str = "evaluate") -> dict[str, Any]:
   """One pipeline run in this process (the worker side of --workers); returns its metrics."""
   from absl import logging  # noqa: PLC0415 - spawned workers import JAX only here
@@ -196,11 +215,7 @@ def run_grid(config: Any, *, config_name: str, methods: Sequence[str] = DEFAULT_
       f"{workers} worker(s), workdirs under {out}")
 
   def cell_config(m, o, k, s):
-    cfg = base.copy_and_resolve_references()
-    cfg.method, cfg.ipc, cfg.seed = m, k, s
-    if o:
-      cfg.recover.objective = o
-    return cfg
+    return _cell_config(base, m, o, k, s)
 
   mp = multiprocessing.get_context("spawn")
   if workers > 1:  # each process takes its share of one accelerator's memory
@@ -247,6 +262,7 @@ def _result(config, config_name, plan, done, out, teacher, debug, command, wall_
     rows.append({"method": m, "objective": None if m == "random" else (
         o or config.recover.objective), "ipc": k, "seed": s,
                  "workdir": os.path.join(out, cell_name(*c)),
+                 "recover_switches": recover_switches(_cell_config(config, *c)),
                  **{f: metrics.get(f) for f in _CELL_METRICS}})
   teacher_top1 = next((r["teacher_top1"] for r in rows if r.get("teacher_top1") is not None),
                       None)

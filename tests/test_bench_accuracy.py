@@ -56,3 +56,18 @@ def test_validation_split_works_on_a_locked_config_without_the_option():
   assert with_validation_split(config, 0.0).dataset.test_split == "test"
   with pytest.raises(ConfigError, match="must be in"):
     with_validation_split(config, 1.5)
+
+
+def test_each_cell_records_the_switches_its_recover_ran_with():
+  """A config's method_switches reach its method's cells only; the objective axis is per cell."""
+  from wmdd_jax.config import default_config
+  base = default_config()
+  base.method_switches = {"wmdd": {"r_ce": 10.0}}
+  wmdd = accuracy.recover_switches(accuracy._cell_config(base, "wmdd", "per_class", 10, 1))
+  sre2l = accuracy.recover_switches(accuracy._cell_config(base, "sre2l", None, 10, 1))
+  assert wmdd["r_ce"] == 10.0 and wmdd["bn_stats"] == "class"
+  assert sre2l["r_ce"] == 1.0 and sre2l["first_bn_multiplier"] == 10.0
+  assert accuracy.recover_switches(accuracy._cell_config(base, "random", None, 1, 0)) is None
+  cell = accuracy._cell_config(base, "wmdd", "per_class", 10, 1)
+  assert (cell.recover.objective, cell.ipc, cell.seed) == ("per_class", 10, 1)
+  assert base.recover.objective == "official"  # the base config is left alone

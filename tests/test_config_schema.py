@@ -246,6 +246,44 @@ def test_an_explicit_recover_field_wins_over_the_method():
   assert methods.get_method("sre2l").needs_statistics(options)  # global statistics: from data
 
 
+def test_method_switches_change_one_method_and_yield_to_an_explicit_recover_field():
+  config = config_lib.default_config()
+  config.method_switches = {"wmdd": {"r_ce": 10.0}, "sre2l": {"first_bn_multiplier": 3.0}}
+  resolved = {}
+  for name in ("wmdd", "ce_pcbn", "sre2l", "wass_bn"):
+    config.method = name
+    resolved[name] = pipeline.recover_options(config)
+  assert resolved["wmdd"].r_ce == 10.0 and resolved["wmdd"].bn_stats == "class"
+  assert resolved["ce_pcbn"].r_ce == 1.0 and resolved["wass_bn"].r_ce == 0.0  # untouched
+  assert (resolved["sre2l"].first_bn_multiplier, resolved["sre2l"].r_ce) == (3.0, 1.0)
+  config.method = "wmdd"
+  config.recover.r_ce = 3.0  # the section sets it for every method: it wins
+  assert pipeline.recover_options(config).r_ce == 3.0
+  # From the command line, on a config file that has the entry (config_flags locks the config).
+  base = config_lib.default_config()
+  base.method_switches = {"wmdd": {"r_ce": 10.0}}
+  parsed = _parse(["--config.method_switches.wmdd.r_ce=4.0"], base)
+  assert pipeline.recover_options(parsed).r_ce == 4.0
+  assert pipeline.recover_options(config_lib.complete(parsed.to_dict())).r_ce == 4.0
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"wmdx": {"r_ce": 1.0}}, "method_switches has an entry for 'wmdx'"),
+    ({"random": {"r_ce": 1.0}}, "runs no recover"),
+    ({"wmdd": {"r_bn": 3.0}}, r"method_switches.wmdd has no field 'r_bn'.*config.recover"),
+    ({"wmdd": {"r_ce": -1.0}}, r"method_switches.wmdd: .*r_ce=-1.0 must be >= 0"),
+    ({"sre2l": {"layout": "grid"}}, r"method_switches.sre2l: .*layout='grid'"),
+    ({"wmdd": 3.0}, "must be a dict switch"),
+])
+def test_a_bad_method_switches_entry_fails_before_any_stage(entry, match, tmp_path):
+  config = config_lib.default_config()
+  config.method = "wmdd"
+  config.method_switches = entry
+  with pytest.raises(ConfigError, match=match):  # even when the run's method is another one
+    pipeline.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "teacher").exists()
+
+
 def test_a_registered_method_is_picked_up():
   toy = methods.Method("toy_gbn", dict(feature_target="barycenter", bn_stats="global",
                                        layout="class", first_bn_multiplier=2.0, r_ce=0.0))

@@ -13,9 +13,9 @@ place that default lives), so every option is settable as ``--config.<section>.<
     eval        wmdd_jax.evaluate.EvaluateOptions               model, model_options
     parallel    wmdd_jax.distributed.ExecutionOptions
 
-plus the top level (method, ipc, seed, debug) and ``dataset`` (spec, options, train_split,
-test_split). Pipeline-level fields (options of the run, not of a stage function) are declared
-once, below. Exceptions to "the dataclass's default":
+plus the top level (method, ipc, seed, debug, method_switches) and ``dataset`` (spec, options,
+train_split, test_split). Pipeline-level fields (options of the run, not of a stage function)
+are declared once, below. Exceptions to "the dataclass's default":
 
 - :data:`PIPELINE_DEFAULTS`: where the pipeline has always used another value (each with why);
 - :data:`DERIVED`: fields the pipeline sets from the top level (the stages' ``seed``);
@@ -152,6 +152,10 @@ TOP_LEVEL: dict[str, Any] = {
     "ipc": 10,         # synthetic images per class
     "seed": 0,         # the root key of every stage (pipeline.stage_key)
     "debug": False,    # shrink every stage to seconds (pipeline.debug_config)
+    # Per-method values of the method switches (wmdd_jax.methods.SWITCHES) in this config:
+    # {"wmdd": {"r_ce": 10.0}} changes wmdd alone; config.recover.<switch> still wins (it sets
+    # the switch for every method). See method_switches() below.
+    "method_switches": {},
 }
 
 DATASET: dict[str, Any] = {
@@ -474,9 +478,9 @@ def _assign(target: ConfigSection, name: str, value: Any, path: str) -> None:
 
 __all__ = ["DATASET", "DERIVED", "PIPELINE_DEFAULTS", "PIPELINE_FIELDS", "RESULT_NEUTRAL",
            "SECTIONS", "TOP_LEVEL", "ConfigSection", "UnknownFieldError", "check_fields",
-           "check_pipeline_fields",
-           "complete", "default_config", "options", "options_kwargs", "section_defaults",
-           "section_values", "unknown_field_message"]
+           "check_method_switches", "check_pipeline_fields", "complete", "default_config",
+           "method_switches", "options", "options_kwargs", "section_defaults", "section_values",
+           "unknown_field_message"]
 
 
 # ------------------------------------------------------------------ reading a run's config
@@ -501,11 +505,74 @@ def student(config) -> tuple[str, dict[str, Any]]:
   return config.teacher.model, plain(config.teacher.model_options)
 
 
-def recover_options(config: Any) -> RecoverOptions:
-  """RecoverOptions for ``config.method``: the method's switches fill the fields left unset.
+def method_switches(config: Any) -> dict[str, dict[str, Any]]:
+  """``config.method_switches`` as plain dicts, checked: method -> {switch: value}.
+
+  A config sets a switch for one method this way, e.g. a CE weight tuned for WMDD that should
+  not change the sre2l / ce_pcbn / wass_bn baselines run from the same config. Precedence for
+  each switch of a run: ``config.recover.<switch>`` (every method) > ``config.method_switches[
+  config.method]`` > the method's registry value > RecoverOptions' default.
 
   Raises:
-    ConfigError: an unknown method or recover field, or a value RecoverOptions refuses.
+    ConfigError: not a mapping, an unregistered method or one that runs no recover, a key that
+      is not a method switch, or a value RecoverOptions refuses for that method.
+  """
+  raw = config["method_switches"] if "method_switches" in _keys(config) else {}
+  if isinstance(raw, config_dict.FieldReference):
+    raw = raw.get()
+  if raw is None:
+    return {}
+  if not isinstance(raw, Mapping) and not hasattr(raw, "to_dict"):
+    raise ConfigError(f"config.method_switches={raw!r} must be a dict method -> {{switch: "
+                      "value}}, e.g. {'wmdd': {'r_ce': 10.0}}.")
+  out: dict[str, dict[str, Any]] = {}
+  for name, switches in _plain(raw).items():
+    if name not in methods.names():
+      raise ConfigError(f"config.method_switches has an entry for {name!r}, which is not a "
+                        f"registered method; methods: {methods.names()}.")
+    method = methods.get_method(name)
+    if not method.runs_recover:
+      raise ConfigError(f"config.method_switches.{name}: method {name!r} runs no recover, so "
+                        "it has no switches; remove the entry.")
+    switches = _plain(switches) or {}
+    if not isinstance(switches, Mapping):
+      raise ConfigError(f"config.method_switches.{name}={switches!r} must be a dict switch -> "
+                        f"value with switches from {methods.SWITCHES}.")
+    for key in switches:
+      if key not in methods.SWITCHES:
+        raise UnknownFieldError(
+            unknown_field_message(f"config.method_switches.{name}", key, methods.SWITCHES)
+            + " (Only method switches vary per method; other recover fields apply to every "
+            "method: set config.recover.<field>.)")
+    out[name] = {k: v for k, v in switches.items() if v is not None}
+  return out
+
+
+def recover_options(config: Any) -> RecoverOptions:
+  """RecoverOptions for ``config.method``: ``config.recover``'s set fields, then this config's
+  :func:`method_switches` for the method, then the method's own switches, then the defaults.
+
+  Raises:
+    ConfigError: an unknown method or recover field, a bad ``method_switches`` entry, or a value
+      RecoverOptions refuses.
   """
   method = methods.get_method(config.method)
-  return method.recover_options(options_kwargs(config, "recover"))
+  values = options_kwargs(config, "recover")
+  for name, value in method_switches(config).get(config.method, {}).items():
+    values.setdefault(name, value)
+  return method.recover_options(values)
+
+
+def check_method_switches(config: Any) -> None:
+  """Resolves every ``config.method_switches`` entry for its method, so that a bad value is an
+  error before any stage runs whichever method the config runs (the bench grids run several).
+
+  Raises:
+    ConfigError: as :func:`method_switches`, or a value RecoverOptions refuses for its method.
+  """
+  values = options_kwargs(config, "recover")
+  for name, switches in method_switches(config).items():
+    try:
+      methods.get_method(name).recover_options({**switches, **values})
+    except ConfigError as e:
+      raise ConfigError(f"config.method_switches.{name}: {e}") from None

@@ -189,6 +189,7 @@ def _check_config(config: Any) -> None:
   """Every check that needs no dataset: unknown fields, the method, each stage's options."""
   config_lib.check_fields(config)
   config_lib.check_pipeline_fields(config)
+  config_lib.check_method_switches(config)
   ipc = config.ipc
   if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
     raise ConfigError(f"config.ipc={ipc!r} must be an int >= 1 (images per class).")
