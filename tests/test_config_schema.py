@@ -267,12 +267,26 @@ def test_method_switches_change_one_method_and_yield_to_an_explicit_recover_fiel
   assert pipeline.recover_options(config_lib.complete(parsed.to_dict())).r_ce == 4.0
 
 
+def test_a_method_switches_entry_can_name_the_objective():
+  config = config_lib.default_config()
+  config.method = "wmdd"
+  config.method_switches = {"wmdd": {"r_ce": 10.0, "first_bn_multiplier": 2.0},
+                            "wmdd:per_class": {"r_ce": 3.0}}
+  official = pipeline.recover_options(config)
+  config.recover.objective = "per_class"
+  per_class = pipeline.recover_options(config)
+  assert (official.r_ce, official.first_bn_multiplier) == (10.0, 2.0)
+  assert (per_class.r_ce, per_class.first_bn_multiplier) == (3.0, 2.0)  # the method-wide rest
+
+
 @pytest.mark.parametrize("entry, match", [
     ({"wmdx": {"r_ce": 1.0}}, "method_switches has an entry for 'wmdx'"),
     ({"random": {"r_ce": 1.0}}, "runs no recover"),
     ({"wmdd": {"r_bn": 3.0}}, r"method_switches.wmdd has no field 'r_bn'.*config.recover"),
-    ({"wmdd": {"r_ce": -1.0}}, r"method_switches.wmdd: .*r_ce=-1.0 must be >= 0"),
-    ({"sre2l": {"layout": "grid"}}, r"method_switches.sre2l: .*layout='grid'"),
+    ({"wmdd": {"r_ce": -1.0}}, r"method_switches\['wmdd'\]: .*r_ce=-1.0 must be >= 0"),
+    ({"sre2l": {"layout": "grid"}}, r"method_switches\['sre2l'\]: .*layout='grid'"),
+    ({"wmdd:perclass": {"r_ce": 1.0}}, r"'perclass' is not a recover objective"),
+    ({"wmdd:per_class": {"r_ce": -2.0}}, r"method_switches\['wmdd:per_class'\]: .*r_ce=-2.0"),
     ({"wmdd": 3.0}, "must be a dict switch"),
 ])
 def test_a_bad_method_switches_entry_fails_before_any_stage(entry, match, tmp_path):

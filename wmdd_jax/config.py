@@ -54,7 +54,7 @@ from wmdd_jax.barycenter import BarycenterOptions
 from wmdd_jax.distributed.options import ExecutionOptions
 from wmdd_jax.errors import ConfigError
 from wmdd_jax.evaluate import EvaluateOptions
-from wmdd_jax.recover import RecoverOptions
+from wmdd_jax.recover import OBJECTIVES, RecoverOptions
 from wmdd_jax.statistics import StatisticsOptions
 from wmdd_jax.teacher import TeacherOptions
 
@@ -506,16 +506,18 @@ def student(config) -> tuple[str, dict[str, Any]]:
 
 
 def method_switches(config: Any) -> dict[str, dict[str, Any]]:
-  """``config.method_switches`` as plain dicts, checked: method -> {switch: value}.
+  """``config.method_switches`` as plain dicts, checked: key -> {switch: value}.
 
-  A config sets a switch for one method this way, e.g. a CE weight tuned for WMDD that should
-  not change the sre2l / ce_pcbn / wass_bn baselines run from the same config. Precedence for
-  each switch of a run: ``config.recover.<switch>`` (every method) > ``config.method_switches[
-  config.method]`` > the method's registry value > RecoverOptions' default.
+  A key is a method (``"wmdd"``) or a method under one recover objective (``"wmdd:per_class"``,
+  as bench/accuracy.py names cells). A config sets a switch for one method this way, e.g. a CE
+  weight tuned for WMDD that should not change the sre2l / ce_pcbn / wass_bn baselines run from
+  the same config. Precedence for each switch of a run: ``config.recover.<switch>`` (every
+  method) > ``method_switches["<method>:<objective>"]`` > ``method_switches["<method>"]`` > the
+  method's registry value > RecoverOptions' default.
 
   Raises:
-    ConfigError: not a mapping, an unregistered method or one that runs no recover, a key that
-      is not a method switch, or a value RecoverOptions refuses for that method.
+    ConfigError: not a mapping, an unregistered method or objective, a method that runs no
+      recover, or a key that is not a method switch.
   """
   raw = config["method_switches"] if "method_switches" in _keys(config) else {}
   if isinstance(raw, config_dict.FieldReference):
@@ -526,31 +528,41 @@ def method_switches(config: Any) -> dict[str, dict[str, Any]]:
     raise ConfigError(f"config.method_switches={raw!r} must be a dict method -> {{switch: "
                       "value}}, e.g. {'wmdd': {'r_ce': 10.0}}.")
   out: dict[str, dict[str, Any]] = {}
-  for name, switches in _plain(raw).items():
+  for key, switches in _plain(raw).items():
+    name, _, objective = str(key).partition(":")
     if name not in methods.names():
       raise ConfigError(f"config.method_switches has an entry for {name!r}, which is not a "
                         f"registered method; methods: {methods.names()}.")
-    method = methods.get_method(name)
-    if not method.runs_recover:
+    if objective and objective not in OBJECTIVES:
+      raise ConfigError(f"config.method_switches[{key!r}]: {objective!r} is not a recover "
+                        f"objective; objectives: {OBJECTIVES} (or key the method alone).")
+    if not methods.get_method(name).runs_recover:
       raise ConfigError(f"config.method_switches.{name}: method {name!r} runs no recover, so "
                         "it has no switches; remove the entry.")
     switches = _plain(switches) or {}
     if not isinstance(switches, Mapping):
-      raise ConfigError(f"config.method_switches.{name}={switches!r} must be a dict switch -> "
+      raise ConfigError(f"config.method_switches.{key}={switches!r} must be a dict switch -> "
                         f"value with switches from {methods.SWITCHES}.")
-    for key in switches:
-      if key not in methods.SWITCHES:
+    for field in switches:
+      if field not in methods.SWITCHES:
         raise UnknownFieldError(
-            unknown_field_message(f"config.method_switches.{name}", key, methods.SWITCHES)
+            unknown_field_message(f"config.method_switches.{key}", field, methods.SWITCHES)
             + " (Only method switches vary per method; other recover fields apply to every "
             "method: set config.recover.<field>.)")
-    out[name] = {k: v for k, v in switches.items() if v is not None}
+    out[str(key)] = {k: v for k, v in switches.items() if v is not None}
   return out
+
+
+def _switches_for(table: Mapping[str, Mapping[str, Any]], method: str,
+                  objective: str) -> dict[str, Any]:
+  """The entries of :func:`method_switches` that apply to ``method`` under ``objective``."""
+  return {**table.get(method, {}), **table.get(f"{method}:{objective}", {})}
 
 
 def recover_options(config: Any) -> RecoverOptions:
   """RecoverOptions for ``config.method``: ``config.recover``'s set fields, then this config's
-  :func:`method_switches` for the method, then the method's own switches, then the defaults.
+  :func:`method_switches` for the method (and its objective), then the method's own switches,
+  then the defaults.
 
   Raises:
     ConfigError: an unknown method or recover field, a bad ``method_switches`` entry, or a value
@@ -558,7 +570,8 @@ def recover_options(config: Any) -> RecoverOptions:
   """
   method = methods.get_method(config.method)
   values = options_kwargs(config, "recover")
-  for name, value in method_switches(config).get(config.method, {}).items():
+  objective = values.get("objective", RecoverOptions.objective)
+  for name, value in _switches_for(method_switches(config), config.method, objective).items():
     values.setdefault(name, value)
   return method.recover_options(values)
 
@@ -571,8 +584,12 @@ def check_method_switches(config: Any) -> None:
     ConfigError: as :func:`method_switches`, or a value RecoverOptions refuses for its method.
   """
   values = options_kwargs(config, "recover")
-  for name, switches in method_switches(config).items():
+  table = method_switches(config)
+  for key in table:
+    name, _, objective = key.partition(":")
+    objective = objective or values.get("objective", RecoverOptions.objective)
+    switches = _switches_for(table, name, objective)
     try:
-      methods.get_method(name).recover_options({**switches, **values})
+      methods.get_method(name).recover_options({**switches, **values, "objective": objective})
     except ConfigError as e:
-      raise ConfigError(f"config.method_switches.{name}: {e}") from None
+      raise ConfigError(f"config.method_switches[{key!r}]: {e}") from None
