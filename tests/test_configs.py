@@ -16,12 +16,12 @@ CONFIGS = os.path.join(ROOT, "experiments", "configs")
 ALL_CONFIGS = sorted(f[:-3] for f in os.listdir(CONFIGS) if f.endswith(".py"))
 
 
-def load(name):
+def load(name, variant=None):
   spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(CONFIGS,
                                                                                f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config() if variant is None else module.get_config(variant)
 
 
 # What run.sh / pretrain.sh / train_FKD.py of github.com/Liu-Hy/WMDD run (the configs cite lines).
@@ -92,3 +92,26 @@ def test_paper_preset_models_build(name):
   c = load(name)
   get_model(c.teacher.model, 10, **c.teacher.model_options.to_dict())
   get_model(c.eval.model, 10, **c.eval.model_options.to_dict())
+
+
+VARIANTS = [("cifar10_dev", v) for v in ("", "flat", "pooled", "resnet18")] + [
+    ("fashion_mnist", v) for v in ("", "flat", "pooled")]
+
+
+@pytest.mark.parametrize("name, variant", VARIANTS)
+def test_small_image_variants_build_and_keep_the_baselines_official(name, variant):
+  """Every ``config.py:variant`` builds its model and options; ``method_switches`` (issue 14's
+  tuned WMDD weights) leave the baselines' switches as the method registry has them."""
+  c = load(name, variant)
+  config_lib.check_fields(c)
+  config_lib.check_method_switches(c)
+  model = get_model(c.teacher.model, 10, **c.teacher.model_options.to_dict())
+  assert model is not None
+  for method in ("sre2l", "ce_pcbn", "wass_bn"):
+    with c.unlocked():
+      c.method = method
+    options = pipeline.recover_options(c)
+    for switch, value in methods.get_method(method).recover.items():
+      assert getattr(options, switch) == value, (name, variant, method, switch)
+  with pytest.raises(ValueError, match="unknown variant"):
+    load(name, "pooledd")

@@ -23,7 +23,13 @@ run after the 20 s teacher): student ConvNet-D3 test top-1 wmdd 59.8 / 79.8 / 85
 from wmdd_jax.config import default_config
 
 
-def get_config():
+def get_config(variant: str = ""):
+  """``variant``: "" (ConvNet-D3 whose features are the flattened last map) or "pooled" (its
+  spatial mean, as cifar10_dev.py), e.g. ``--config experiments/configs/fashion_mnist.py:pooled``.
+  """
+  if variant not in ("", "flat", "pooled"):
+    raise ValueError(f"fashion_mnist.py: unknown variant {variant!r}; use '', 'flat' or "
+                     "'pooled'.")
   c = default_config()
   c.dataset.spec = "idx:../shared/datasets/fashion-mnist"
   # Teacher: the default ConvNet-D3 recipe (batch 128, SGD lr 0.1 cosine, flip), 20 epochs,
@@ -34,4 +40,6 @@ def get_config():
   # epochs) except r_bn, carried over from digits (3 BN layers, not ResNet-18's 20); not tuned
   # on Fashion-MNIST yet (tune with `python -m bench.sweep --val_fraction=0.1 ...`).
   c.recover.r_bn = 1.0
+  if variant == "pooled":
+    c.teacher.model_options = {"features": "pooled"}
   return c
