@@ -4,10 +4,10 @@ Per class of each family it runs, in one process: POT (``ot.lp.free_support_bary
 exact network-simplex LP per iteration, from a random normal init as the official WMDD code
 calls it) and, through ``free_support_barycenter``: the default (``solver="semidual"``: starts
 on a 512-point subsample, half seeded by OTT-JAX k-means and half by a Gaussian fit, each
-polished 5 iterations there and then ranked by one polish iteration on all points, the winner
-polished on all points; min(8, max(1, 60 // k)) starts: 8 at k=5, 6 at k=10, one at k=50), the
-previous default
-(``previous``: 4 k-means++ starts on all points, no subsample, stop_fraction 1e-3), one start
+polished 5 iterations there (at the coarser start_epsilon) and then ranked by one polish
+iteration on all points, the winner polished on all points; min(8, max(1, 60 // k)) starts:
+8 at k=5, 6 at k=10, one at k=50), the previous default (``previous``: 4 k-means++ starts on
+all points, no subsample, stop_fraction 1e-3), one start
 (``num_inits=1``), the OTT-JAX annealed solver (``solver="annealed"``: one start, five OTT
 Sinkhorn annealing stages, then the polish), OTT-JAX's ``FreeWassersteinBarycenter``
 (``solver="ott"``, one start, timed once; on the first ``--ott_classes`` classes only, it is
@@ -295,8 +295,9 @@ def main() -> None:
                  "(threadpoolctl): under load its BLAS threads contend",
           "default": "wmdd_jax.barycenter defaults: semi-dual solver; starts on a 512-point "
                      "subsample (half OTT-JAX k-means seeds, half Gaussian), 5 polish iterations "
-                     "each, ranked by one polish iteration on all points; min(8, max(1, 60 // k)) "
-                     "starts; stop_fraction 5e-3 (float32, jitted)",
+                     "each at start_epsilon 0.03, ranked by one polish iteration on all points "
+                     "(epsilon 0.01 on all points); min(8, max(1, 60 // k)) starts; "
+                     "stop_fraction 5e-3 (float32, jitted)",
           "previous": "the previous default: 4 k-means++ starts on all points, pruned after 5 "
                       "iterations, stop_fraction 1e-3",
           "one_start": "num_inits=1 (one OTT-JAX k-means start on the subsample)",

@@ -23,7 +23,8 @@ The default solver (``solver="semidual"``) runs several starts and keeps the bes
 
      max_g  F(g) = <w, g> - eps * sum_i a_i logsumexp_j(log w_j + (g_j - C_ij) / eps)
 
-   (eps = ``epsilon`` = 1% of the mean cost; the entropic smoothing of
+   (eps = ``start_epsilon`` = 3% of the mean cost on the subsample, ``epsilon`` = 1% on all
+   points; the entropic smoothing of
    <w, g> + sum_i a_i min_j (C_ij - g_j)) by damped (Levenberg-Marquardt) Newton steps with
    k x k linear algebra, warm-started from the previous iteration's g, and each b_j moves to
    the centroid of its hard Laguerre cell {i : j = argmin_j' C_ij' - g_j'} (the exact plan up to
@@ -133,6 +134,10 @@ class BarycenterOptions:
       ``learn_weights`` (where k-means is the whole solver and stops once converged).
     epsilon: entropic smoothing of the polish's semi-dual, relative to the mass-weighted mean
       cost.
+    start_epsilon: the same smoothing for the starts' polish on the subsample (when
+      subsampled), before every polish on all points (the ranking iteration included) at
+      ``epsilon``: coarser, its semi-dual solves need fewer Newton steps, and the polish on all
+      points still ends at the fixed point of ``epsilon``. None: ``epsilon``.
     tolerance: L1 error of the support marginal at which a semi-dual solve stops.
     max_newton_steps: cap on damped Newton steps per semi-dual solve.
     init_candidates: seeds tried per greedy k-means++ step (the one that lowers the k-means cost
@@ -162,6 +167,7 @@ class BarycenterOptions:
   stop_fraction: float = 5e-3
   lloyd_steps: int | None = None
   epsilon: float = 0.01
+  start_epsilon: float | None = 0.03
   tolerance: float = 1e-2
   max_newton_steps: int = 30
   init_candidates: int | None = None
@@ -183,6 +189,8 @@ class BarycenterOptions:
       if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                 or value < low):
         raise ConfigError(f"barycenter option {name}={value!r} must be None or an int >= {low}.")
+    if self.start_epsilon is not None and not self.start_epsilon > 0:
+      raise ConfigError(f"barycenter option start_epsilon={self.start_epsilon} must be > 0.")
     if not (self.epsilon > 0 and self.tolerance > 0 and self.stop_fraction >= 0
             and self.sinkhorn_threshold > 0 and self.ott_epsilon > 0):
       raise ConfigError(
@@ -199,6 +207,8 @@ class BarycenterOptions:
     for name in ("epsilon", "tolerance", "stop_fraction", "ott_epsilon", "sinkhorn_threshold"):
       object.__setattr__(self, name, float(getattr(self, name)))
     object.__setattr__(self, "anneal", anneal)
+    if self.start_epsilon is not None:
+      object.__setattr__(self, "start_epsilon", float(self.start_epsilon))
 
   def starts(self, learn_weights: bool, num_support: int) -> int:
     """The number of independent starts (``num_inits`` with its None resolved)."""
@@ -684,6 +694,12 @@ def _solve_one(
   prune = starts > 1 and 0 < opts.prune_iterations < opts.num_iterations
   first = opts.prune_iterations if prune else opts.num_iterations
 
+  # The starts' polish on the subsample may run at a coarser smoothing (fewer Newton steps);
+  # every polish on all points runs at ``epsilon``.
+  s_opts = opts
+  if subsampled and opts.start_epsilon is not None:
+    s_opts = dataclasses.replace(opts, epsilon=opts.start_epsilon)
+
   def run(key, kind):
     if kind == "gaussian":
       support = _gaussian_seed(key, s_points, s_mass, num_support)
@@ -693,12 +709,12 @@ def _solve_one(
     if opts.solver == "annealed" and opts.anneal:
       support, g = _anneal(s_points, s_mass, support, opts)
     if not subsampled or starts == 1:
-      return _balanced(s_points, s_mass, s_sq, support, g, opts, starts > 1, first)
+      return _balanced(s_points, s_mass, s_sq, support, g, s_opts, starts > 1, first)
     # Ranked on every point: one polish iteration on all points gives the cost (from below) of
     # the support the subsample led to. A subsample's cluster masses differ from the class's by
     # sampling noise, which can flip near-ties between ways of sharing the support among
     # clusters that differ by 10% and more on all points.
-    support, g, _ = _balanced(s_points, s_mass, s_sq, support, g, opts, False, first)
+    support, g, _ = _balanced(s_points, s_mass, s_sq, support, g, s_opts, False, first)
     return _balanced(points, mass, sq_norms, support, g, opts, True, 1)
 
   keys = jax.random.split(start_key, starts)
