@@ -138,9 +138,24 @@ def test_solvers_and_their_options(key):
   assert _exact_w2(*annealed, points) <= _exact_w2(*full, points)  # the polish lowers the cost
   for bad in ({"solver": "lp"}, {"anneal": (0.1, 0.0)}, {"num_inits": 0},
               {"sinkhorn_threshold": 0.0}, {"sinkhorn_iterations": 0}, {"subsample": -1},
-              {"gaussian_inits": -1}, {"gaussian_inits": 1.5}):
+              {"gaussian_inits": -1}, {"gaussian_inits": 1.5}, {"start_epsilon": 0.0}):
     with pytest.raises(ConfigError):
       free_support_barycenter(points, K, key, **bad)
+
+
+def test_start_epsilon_smooths_only_the_subsampled_starts(key):
+  """start_epsilon reaches only the starts' polish on a subsample: without a subsample it changes
+  nothing, and start_epsilon=None is start_epsilon=epsilon; on a subsample it changes the run."""
+  points = _cloud("clustered", 6, n=300)
+  base = free_support_barycenter(points, K, key, subsample=0)
+  coarse = free_support_barycenter(points, K, key, subsample=0, start_epsilon=0.5)
+  np.testing.assert_array_equal(base.support, coarse.support)
+  sub = {"subsample": 100, "num_inits": 2}
+  off = free_support_barycenter(points, K, key, start_epsilon=None, **sub)
+  same = free_support_barycenter(points, K, key, start_epsilon=0.01, **sub)
+  np.testing.assert_array_equal(off.support, same.support)
+  smoothed = free_support_barycenter(points, K, key, start_epsilon=0.5, **sub)
+  assert not np.array_equal(off.support, smoothed.support)
 
 
 def test_learned_weights_beat_uniform_weights(key):

@@ -24,8 +24,9 @@ from wmdd_jax.config import default_config
 
 
 def get_config(variant: str = ""):
-  """``variant``: "" (ConvNet-D3 whose features are the flattened last map) or "pooled" (its
-  spatial mean, as cifar10_dev.py), e.g. ``--config experiments/configs/fashion_mnist.py:pooled``.
+  """``variant``: "" or "flat" (ConvNet-D3 whose features are the flattened last map) or
+  "pooled" (its spatial mean, as cifar10_dev.py), e.g.
+  ``--config experiments/configs/fashion_mnist.py:pooled``.
   """
   if variant not in ("", "flat", "pooled"):
     raise ValueError(f"fashion_mnist.py: unknown variant {variant!r}; use '', 'flat' or "
