@@ -15,6 +15,11 @@ read, not recomputed, so a killed grid resumes. One teacher serves every cell:
 ``config.teacher.checkpoint`` when given, else ``<out>/teacher``, trained first (seed of the
 first ``--seeds`` value).
 
+The statistics pass (per-class BN moments and features of the train split; it depends on the
+teacher, the data and ``stats.*`` only) runs once, in the first cell that needs it, and the other
+cells read it (hard links, checked by their fingerprints like their own results; each row's
+``statistics`` says "computed" or "shared"); ``--noshare_statistics`` computes it in every cell.
+
 ``--workers N`` runs N cells at once, each in its own process (spawned, so no JAX state is
 shared). On one accelerator this fills it with small 32 px runs that would each leave it mostly
 idle; the script then caps each process's share of device memory
@@ -130,6 +135,23 @@ def _cell_config(base: Any, method: str, objective: str | None, ipc: int, seed: 
   return cfg
 
 
+def needs_statistics(config: Any) -> bool:
+  """Whether a cell's method reads the statistics pass (per-class BN moments, features)."""
+  from wmdd_jax import methods, pipeline  # noqa: PLC0415
+  method = methods.get_method(config.method)
+  return method.runs_recover and method.needs_statistics(pipeline.recover_options(config))
+
+
+def _has_statistics(workdir: str) -> bool:
+  """Whether ``workdir`` holds a finished, recorded statistics pass."""
+  from wmdd_jax import artefacts  # noqa: PLC0415
+  files = artefacts.RunFiles(workdir)
+  data = artefacts.read_fingerprints(files.fingerprints)
+  return "statistics" in data["stages"] and all(
+      os.path.basename(p) in data["files"] and os.path.exists(p)
+      for p in (files.stats, files.features))
+
+
 def recover_switches(config: Any) -> dict[str, Any] | None:
   """The method switches a cell's recover ran with (the config's ``recover`` section, its
   ``method_switches`` and the method's own values resolved), None for methods without recover."""
@@ -157,7 +179,7 @@ def _run_cell(config: Any, workdir: str, stop_after: str = "evaluate") -> dict[s
 def run_grid(config: Any, *, config_name: str, methods: Sequence[str] = DEFAULT_METHODS,
              ipcs: Sequence[int] = DEFAULT_IPCS, seeds: Sequence[int] = DEFAULT_SEEDS,
              out: str | None = None, results: str | None = None, workers: int = 1,
-             val_fraction: float = 0.0, command: str = "",
+             val_fraction: float = 0.0, share_statistics: bool = True, command: str = "",
              log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs (or reads) every cell and writes the results JSON and markdown after each.
 
@@ -171,6 +193,10 @@ def run_grid(config: Any, *, config_name: str, methods: Sequence[str] = DEFAULT_
     workers: cells run at once, each in a spawned process (1: one after another, still in a
       worker process so that every cell starts from the same state).
     val_fraction: > 0 holds out this stratified fraction of the train split and scores there.
+    share_statistics: the statistics pass (which depends on the teacher, data and ``stats.*``
+      only) runs in the first cell that needs it, alone, and the other cells read it
+      (:func:`wmdd_jax.fingerprints.share_statistics`, checked like their own results); False:
+      every cell computes its own.
     command: the command line, recorded in the JSON.
     log: progress printer.
 
@@ -181,7 +207,7 @@ def run_grid(config: Any, *, config_name: str, methods: Sequence[str] = DEFAULT_
     ConfigError: bad methods, IPCs, seeds, workers or val_fraction, or a workdir holding another
       run, before any compute.
   """
-  from wmdd_jax import pipeline  # noqa: PLC0415
+  from wmdd_jax import fingerprints, pipeline  # noqa: PLC0415
 
   cells_spec = parse_methods(methods, pipeline.METHODS)
   ipcs = [int(k) for k in ipcs]
@@ -239,8 +265,27 @@ def run_grid(config: Any, *, config_name: str, methods: Sequence[str] = DEFAULT_
       cfg.seed = seeds[0]
       pool.submit(_run_cell, cfg,
                   os.path.join(out, "teacher_run"), "teacher").result()
+    pending = [c for c in plan if c not in done]
+    if share_statistics:
+      stats_cells = [c for c in plan if needs_statistics(cell_config(*c))]
+      source = next((c for c in stats_cells if _has_statistics(os.path.join(out, cell_name(*c)))),
+                    None)
+      if source is None and any(c in pending for c in stats_cells):
+        source = next(c for c in stats_cells if c in pending)  # computes the pass, alone
+        log(f"statistics: computed once in {cell_name(*source)}, then shared")
+        done[source] = pool.submit(_run_cell, cell_config(*source),
+                                   os.path.join(out, cell_name(*source))).result()
+        log(f"[{len(done)}/{len(plan)}] {cell_name(*source)}: top-1 "
+            f"{done[source]['test_top1']:.2f}% ({done[source]['wall_s']:.0f} s)")
+        pending.remove(source)
+        write()
+      if source is not None:
+        for c in stats_cells:
+          if c in pending:
+            fingerprints.share_statistics(os.path.join(out, cell_name(*source)),
+                                          os.path.join(out, cell_name(*c)))
     todo = {pool.submit(_run_cell, cell_config(*c), os.path.join(out, cell_name(*c))): c
-            for c in plan if c not in done}
+            for c in pending}
     for future in concurrent.futures.as_completed(todo):
       c = todo[future]
       done[c] = future.result()
@@ -250,6 +295,14 @@ def run_grid(config: Any, *, config_name: str, methods: Sequence[str] = DEFAULT_
   write()
   log(result["markdown"])
   return result
+
+
+def _statistics_source(config: Any, cell: tuple, metrics: dict[str, Any]) -> str | None:
+  """"computed" (the cell ran the statistics pass), "shared" (it read another cell's), None
+  (its method reads none)."""
+  if not needs_statistics(_cell_config(config, *cell)):
+    return None
+  return "computed" if "statistics" in (metrics.get("seconds") or {}) else "shared"
 
 
 def _result(config, config_name, plan, done, out, teacher, debug, command, wall_s):
@@ -263,6 +316,7 @@ def _result(config, config_name, plan, done, out, teacher, debug, command, wall_
         o or config.recover.objective), "ipc": k, "seed": s,
                  "workdir": os.path.join(out, cell_name(*c)),
                  "recover_switches": recover_switches(_cell_config(config, *c)),
+                 "statistics": _statistics_source(config, c, metrics),
                  **{f: metrics.get(f) for f in _CELL_METRICS}})
   teacher_top1 = next((r["teacher_top1"] for r in rows if r.get("teacher_top1") is not None),
                       None)
@@ -296,6 +350,8 @@ def main() -> None:  # pragma: no cover - the CLI; tests run it as a subprocess
   results = flags.DEFINE_string("results", None, "The results JSON path.")
   workers = flags.DEFINE_integer("workers", 1, "Cells run at once (processes).")
   val_fraction = flags.DEFINE_float("val_fraction", 0.0, "Score on a held-out part of train.")
+  share = flags.DEFINE_bool("share_statistics", True,
+                            "Run the statistics pass once and share it with every cell.")
   flags.mark_flags_as_required(["config"])
 
   def run(argv):
@@ -306,6 +362,7 @@ def main() -> None:  # pragma: no cover - the CLI; tests run it as a subprocess
     run_grid(config.value, config_name=os.path.splitext(os.path.basename(filename))[0],
              methods=methods.value, ipcs=ipcs.value, seeds=seeds.value, out=out.value,
              results=results.value, workers=workers.value, val_fraction=val_fraction.value,
+             share_statistics=share.value,
              command=" ".join(["python -m bench.accuracy", *sys.argv[1:]]))
 
   app.run(run)

@@ -1,6 +1,8 @@
 """bench/accuracy.py: the grid's parsing, summary and table (the runs themselves are pipeline
 runs, tested in test_pipeline.py)."""
 
+import os
+
 import pytest
 
 from bench import accuracy
@@ -71,3 +73,26 @@ def test_each_cell_records_the_switches_its_recover_ran_with():
   cell = accuracy._cell_config(base, "wmdd", "per_class", 10, 1)
   assert (cell.recover.objective, cell.ipc, cell.seed) == ("per_class", 10, 1)
   assert base.recover.objective == "official"  # the base config is left alone
+
+
+def test_grid_runs_the_statistics_pass_once_and_shares_it(tmp_path):
+  """The first cell that needs the statistics computes them, alone; the others read them
+  (rows say which); random real images read none. A second call reads every cell back."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "digits_cfg", os.path.join(accuracy.ROOT, "experiments", "configs", "digits.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.debug = True
+  lines = []
+  kwargs = dict(config_name="digits", methods=["ce_pcbn", "wass_bn", "random"], ipcs=[1],
+                seeds=[0], out=str(tmp_path / "out"), results=str(tmp_path / "acc.json"),
+                log=lines.append)
+  result = accuracy.run_grid(config, **kwargs)
+  got = {r["method"]: r["statistics"] for r in result["rows"]}
+  assert got == {"ce_pcbn": "computed", "wass_bn": "shared", "random": None}
+  assert any("statistics: computed once in ce_pcbn_ipc1_seed0" in line for line in lines)
+  first = {r["method"]: r["test_top1"] for r in result["rows"]}
+  again = accuracy.run_grid(config, **kwargs)
+  assert {r["method"]: r["test_top1"] for r in again["rows"]} == first

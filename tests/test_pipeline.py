@@ -2,11 +2,12 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
-from wmdd_jax import ConfigError, checkpoint, pipeline
+from wmdd_jax import ConfigError, artefacts, checkpoint, fingerprints, pipeline
 
 CONTRACT = ("dataset", "method", "ipc", "num_classes", "seed", "test_top1", "test_top5",
             "best_top1", "seconds")
@@ -145,6 +146,55 @@ def test_stop_after_teacher_runs_the_teacher_stage_only(wmdd_run, tmp_path):
   assert not os.path.exists(tmp_path / "stats.npz") and not os.path.exists(tmp_path / "synset")
   with pytest.raises(ConfigError, match="stop_after"):
     pipeline.run(c, str(tmp_path), stop_after="recover", log=lambda *_: None)
+
+
+def _synset(workdir):
+  return np.asarray(checkpoint.load_synthetic_set(os.path.join(workdir, "synset")).images)
+
+
+def test_shared_statistics_give_the_same_set_and_stay_independent(wmdd_run, tmp_path):
+  """fingerprints.share_statistics: a run reading another run's statistics pass makes exactly
+  the set it makes computing its own; recomputing in it never touches the source's files."""
+  workdir, _ = wmdd_run
+  c = _config("ce_pcbn")
+  c.teacher.checkpoint = os.path.join(workdir, "teacher")
+  c.recover.iterations, c.recover.steps_per_call, c.recover.checkpoint_every = 10, 10, 10
+  source_sha = artefacts.file_sha256(os.path.join(workdir, "features.npy"))
+  own, shared = str(tmp_path / "own"), str(tmp_path / "shared")
+  pipeline.run(c, own, stop_after="synset", log=lambda *_: None)
+  assert fingerprints.share_statistics(workdir, shared)
+  assert os.path.samefile(os.path.join(workdir, "features.npy"),
+                          os.path.join(shared, "features.npy"))
+  lines = []
+  m = pipeline.run(c, shared, stop_after="synset", log=lines.append)
+  assert "statistics: loaded" in lines and "statistics" not in m["seconds"]
+  np.testing.assert_array_equal(_synset(shared), _synset(own))
+  # A second share into a workdir that holds a run changes nothing.
+  assert not fingerprints.share_statistics(workdir, shared)
+  assert not fingerprints.share_statistics(str(tmp_path / "nothing"), str(tmp_path / "new"))
+  # Recompute in the shared workdir (its stats.npz deleted): a new features.npy, the source's
+  # bytes untouched.
+  os.remove(os.path.join(shared, "stats.npz"))
+  shutil.rmtree(os.path.join(shared, "synset"))
+  m = pipeline.run(c, shared, stop_after="synset", log=lambda *_: None)
+  assert m["seconds"]["statistics"] > 0
+  assert not os.path.samefile(os.path.join(workdir, "features.npy"),
+                              os.path.join(shared, "features.npy"))
+  assert artefacts.file_sha256(os.path.join(workdir, "features.npy")) == source_sha
+
+
+def test_shared_statistics_of_other_data_are_refused(wmdd_run, tmp_path):
+  """The shared pass is checked like the run's own: other train data is a ConfigError naming
+  the field, before any stage computes."""
+  from bench.sweep import with_validation_split
+  workdir, _ = wmdd_run
+  c = _config("ce_pcbn")
+  c.teacher.checkpoint = os.path.join(workdir, "teacher")
+  c = with_validation_split(c, 0.2)  # a smaller train split
+  assert fingerprints.share_statistics(workdir, str(tmp_path))
+  with pytest.raises(ConfigError, match="statistics stage: .*train"):
+    pipeline.run(c, str(tmp_path), log=lambda *_: None)
+  assert not os.path.exists(tmp_path / "synset")
 
 
 def test_tensorflow_is_imported_before_the_processes_connect(monkeypatch, tmp_path):

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -296,3 +297,54 @@ def after_teacher(config, dataset, files: RunFiles, ledger: Ledger, variables) -
   extra = {"training": _teacher_training(config, dataset)} if _workdir_teacher(config, files) \
       else None
   ledger.record("teacher", extra=extra)
+
+
+def share_statistics(source: str, workdir: str) -> bool:
+  """Lets a new run in ``workdir`` reuse the statistics pass of the run in ``source``.
+
+  The statistics (per-class BN-input moments and the penultimate features) depend only on the
+  teacher, the train split and ``stats.*``, not on the method, IPC or seed, so a grid of runs
+  with one teacher needs the pass once. This links ``source``'s ``stats.npz`` and
+  ``features.npy`` into ``workdir`` (hard links; copies across file systems) and records
+  their statistics record (which holds the teacher's weights sha256) and the files' sha256 in
+  ``workdir``'s ``fingerprints.json``. The run in ``workdir`` then checks them like its own
+  results: a run whose teacher, data or ``stats.*`` differ is refused with a ConfigError naming
+  the fields, never given the other statistics, and the arrays are loaded only if their bytes
+  match the recorded sha256. The pipeline never writes into an existing ``features.npy`` (a
+  recompute replaces the file), so the links stay
+  independent.
+
+  Args:
+    source: the workdir of a run whose statistics stage finished (``stats.npz`` present and
+      recorded with its sha256).
+    workdir: a workdir that holds no run yet (created if missing).
+
+  Returns:
+    True when linked; False (nothing changed) when ``source`` has no recorded statistics or
+    ``workdir`` already holds a run (a ``fingerprints.json``), which then resumes as before.
+  """
+  src, dst = RunFiles(os.path.abspath(source)), RunFiles(os.path.abspath(workdir))
+  data = artefacts.read_fingerprints(src.fingerprints)
+  names = [os.path.basename(p) for p in (src.stats, src.features)]
+  stages = data["stages"]
+  if ("statistics" not in stages
+      or any(n not in data["files"] or not os.path.exists(os.path.join(src.workdir, n))
+             for n in names)):
+    return False
+  if os.path.exists(dst.fingerprints) or os.path.exists(dst.stats):
+    return False
+  os.makedirs(dst.workdir, exist_ok=True)
+  for name in names:
+    target = os.path.join(dst.workdir, name)
+    if os.path.exists(target):
+      os.remove(target)  # a leftover without a stats.npz: never written into, replaced
+    try:
+      os.link(os.path.join(src.workdir, name), target)
+    except OSError:
+      shutil.copyfile(os.path.join(src.workdir, name), target)
+  # The statistics record holds its teacher's record (the weights' sha256) as an input, so a
+  # run with another teacher is refused by Ledger.check.
+  artefacts.write_fingerprints(dst.fingerprints, {
+      "stages": {"statistics": stages["statistics"]},
+      "files": {n: data["files"][n] for n in names}})
+  return True

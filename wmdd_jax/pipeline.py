@@ -377,6 +377,10 @@ def _statistics(config, dataset, model, variables, files, timings, log, executio
     log("statistics: loaded")
     return st, feats
   ledger.record("statistics", drop=arrays)
+  if os.path.exists(files.features) and artefacts.is_primary():
+    # A leftover of a killed pass, or a link shared with other runs
+    # (fingerprints.share_statistics): replaced, never written into.
+    os.remove(files.features)
   batch = config_lib.options(config, "stats").batch_size
   split = config_lib.split(config, "train")
   with _Timer(timings, "statistics"):
