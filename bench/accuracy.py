@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bench.common import RESULTS_DIR, ROOT, machine, write_result
+from bench.common import RESULTS_DIR, ROOT, machine, needs_statistics, write_result
 from bench.sweep import with_validation_split
 from wmdd_jax.errors import ConfigError
 
@@ -133,23 +133,6 @@ def _cell_config(base: Any, method: str, objective: str | None, ipc: int, seed: 
   if objective:
     cfg.recover.objective = objective
   return cfg
-
-
-def needs_statistics(config: Any) -> bool:
-  """Whether a cell's method reads the statistics pass (per-class BN moments, features)."""
-  from wmdd_jax import methods, pipeline  # noqa: PLC0415
-  method = methods.get_method(config.method)
-  return method.runs_recover and method.needs_statistics(pipeline.recover_options(config))
-
-
-def _has_statistics(workdir: str) -> bool:
-  """Whether ``workdir`` holds a finished, recorded statistics pass."""
-  from wmdd_jax import artefacts  # noqa: PLC0415
-  files = artefacts.RunFiles(workdir)
-  data = artefacts.read_fingerprints(files.fingerprints)
-  return "statistics" in data["stages"] and all(
-      os.path.basename(p) in data["files"] and os.path.exists(p)
-      for p in (files.stats, files.features))
 
 
 def recover_switches(config: Any) -> dict[str, Any] | None:
@@ -268,8 +251,8 @@ def run_grid(config: Any, *, config_name: str, methods: Sequence[str] = DEFAULT_
     pending = [c for c in plan if c not in done]
     if share_statistics:
       stats_cells = [c for c in plan if needs_statistics(cell_config(*c))]
-      source = next((c for c in stats_cells if _has_statistics(os.path.join(out, cell_name(*c)))),
-                    None)
+      source = next((c for c in stats_cells
+                     if fingerprints.has_statistics(os.path.join(out, cell_name(*c)))), None)
       if source is None and any(c in pending for c in stats_cells):
         source = next(c for c in stats_cells if c in pending)  # computes the pass, alone
         log(f"statistics: computed once in {cell_name(*source)}, then shared")

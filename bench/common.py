@@ -133,6 +133,13 @@ def _jsonable(value: Any) -> Any:
   return str(value)
 
 
+def needs_statistics(config: Any) -> bool:
+  """Whether a run of ``config`` reads the statistics pass (per-class BN moments, features)."""
+  from wmdd_jax import methods, pipeline  # noqa: PLC0415
+  method = methods.get_method(config.method)
+  return method.runs_recover and method.needs_statistics(pipeline.recover_options(config))
+
+
 def random_recover_targets(model, variables, num_classes: int, ipc: int, shape, seed: int = 0):
   """Random but well-shaped :class:`wmdd_jax.recover.RecoverTargets` for timing the recover loss.
 

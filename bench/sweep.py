@@ -24,7 +24,9 @@ loaded) and a finished run's ``metrics.json`` is read, not recomputed. Runs shar
 needs it (with that run's seed); an axis over ``teacher.*``, ``dataset.*`` or ``parallel.*``
 gives each distinct teacher setting its own ``<out>/teacher_<hash>``. ``--val_fraction=f`` holds
 out a stratified, seeded fraction f of the train split and reports accuracy on it instead of the
-test split: tune there, never on test.
+test split: tune there, never on test. Runs with one teacher, the same data and ``stats.*``
+compute the statistics pass once and read it from then on (checked by their fingerprints like
+their own results; ``--noshare_statistics`` turns this off).
 
 After every run it writes one JSON (``--results``, default ``<out>/sweep.json``: the axes, every
 run's metrics, each point's mean and sample std over seeds, the script, command and machine) and
@@ -46,7 +48,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from bench.common import ROOT, command_line, machine, peak_rss_mib, write_result
-from wmdd_jax import pipeline
+from wmdd_jax import fingerprints, pipeline
 from wmdd_jax.errors import ConfigError
 
 RUNS_DIR = os.path.join(ROOT, "bench", "runs", "sweep")
@@ -191,6 +193,14 @@ def _teacher_key(config: Any) -> str:
   return hashlib.sha1(json.dumps(_jsonable(sections), sort_keys=True).encode()).hexdigest()[:8]
 
 
+def _statistics_key(config: Any) -> str:
+  """Runs with equal keys compute the same statistics pass: one teacher (its settings or
+  checkpoint), the same data and ``stats.*``."""
+  sections = {s: config.get(s) for s in ("teacher", "dataset", "stats")}
+  sections["debug"] = bool(config.get("debug", False))
+  return hashlib.sha1(json.dumps(_jsonable(sections), sort_keys=True).encode()).hexdigest()[:8]
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
   return "-" if value is None else f"{value:.{digits}f}"
 
@@ -244,8 +254,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def run_sweep(config: Any, *, config_name: str, sweeps: Sequence[str] = (),
               seeds: Sequence[int] = (0,), out: str | None = None, results: str | None = None,
-              val_fraction: float = 0.0, tag: str = "", command: str = "",
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              val_fraction: float = 0.0, tag: str = "", share_statistics: bool = True,
+              command: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs (or reads) every point of the grid and writes the JSON and markdown results.
 
   Args:
@@ -258,6 +268,9 @@ def run_sweep(config: Any, *, config_name: str, sweeps: Sequence[str] = (),
     results: the JSON path (default ``<out>/sweep.json``); the markdown goes beside it.
     val_fraction: > 0: hold out this fraction of the train split and evaluate on it.
     tag: suffix of the default ``out``, to keep variants apart.
+    share_statistics: a run reads the statistics pass of an earlier run with the same teacher,
+      data and ``stats.*`` (:func:`wmdd_jax.fingerprints.share_statistics`, checked like its
+      own results) instead of computing it again; False: every run computes its own.
     command: the command line to record (default: this process's).
     log: progress printer.
 
@@ -322,31 +335,38 @@ def run_sweep(config: Any, *, config_name: str, sweeps: Sequence[str] = (),
   log(f"sweep of {config_name} ({base.dataset.spec}): {len(plan)} runs ({len(runs)} finished), "
       f"workdirs under {out}")
   primary = jax.process_index() == 0
+  stats_sources: dict[str, str] = {}  # statistics key -> a workdir that holds that pass
   start = time.perf_counter()
   result: dict[str, Any] = {}
   for i, (point, cfg, s) in enumerate(plan, 1):
     label = f"[{i}/{len(plan)}] {' '.join(f'{k}={v}' for k, v in point.items())} seed {s}"
     workdir = run_dir(out, point, s)
     texts = tuple(point.values())
+    cfg = cfg.copy_and_resolve_references()
+    cfg.seed = s
+    if not cfg.teacher.get("checkpoint"):
+      key = _teacher_key(cfg)
+      cfg.teacher.checkpoint = os.path.join(out, "teacher" if len(keys) == 1
+                                            else f"teacher_{key}")
+    stats_key = _statistics_key(cfg)
     if (texts, s) in runs:
       log(f"{label}: finished, read {os.path.join(workdir, 'metrics.json')}")
     else:
       log(f"{label}: running in {workdir}")
-      cfg = cfg.copy_and_resolve_references()
-      cfg.seed = s
-      if not cfg.teacher.get("checkpoint"):
-        key = _teacher_key(cfg)
-        cfg.teacher.checkpoint = os.path.join(out, "teacher" if len(keys) == 1
-                                              else f"teacher_{key}")
       if primary:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "sweep_point.json"), "w") as f:
           json.dump({"axes": point, "seed": s}, f)
+      if share_statistics and stats_key in stats_sources and jax.process_count() == 1:
+        fingerprints.share_statistics(stats_sources[stats_key], workdir)
       t0 = time.perf_counter()
       metrics = pipeline.run(cfg, workdir, log=lambda msg: log(f"    {msg}"))
       runs[(texts, s)] = {**metrics, "wall_s": round(time.perf_counter() - t0, 3),
                           "reused": False}
       log(f"{label}: {cfg.dataset.test_split} top-1 {metrics['test_top1']:.2f}%")
+    if share_statistics and stats_key not in stats_sources \
+        and fingerprints.has_statistics(workdir):
+      stats_sources[stats_key] = workdir
     result = {
         "benchmark": "sweep", "config": config_name, "dataset": base.dataset.spec,
         "split": base.dataset.test_split, "debug": debug,
@@ -388,6 +408,8 @@ def main() -> None:  # pragma: no cover - the CLI
   val_fraction = flags.DEFINE_float("val_fraction", 0.0, "Hold out this fraction of the train "
                                     "split and report accuracy on it instead of test.")
   tag = flags.DEFINE_string("tag", "", "Suffix of the default --out (variants).")
+  share = flags.DEFINE_bool("share_statistics", True, "Runs with one teacher, the same data "
+                            "and stats.* read one statistics pass.")
   flags.mark_flags_as_required(["config"])
 
   def run(argv):
@@ -397,7 +419,8 @@ def main() -> None:  # pragma: no cover - the CLI
     filename = config_flags.get_config_filename(flags.FLAGS["config"])
     run_sweep(config.value, config_name=os.path.splitext(os.path.basename(filename))[0],
               sweeps=sweep.value, seeds=seeds.value, out=out.value, results=results.value,
-              val_fraction=val_fraction.value, tag=tag.value)
+              val_fraction=val_fraction.value, tag=tag.value,
+              share_statistics=share.value)
 
   app.run(run)
 

@@ -299,6 +299,16 @@ def after_teacher(config, dataset, files: RunFiles, ledger: Ledger, variables) -
   ledger.record("teacher", extra=extra)
 
 
+def has_statistics(workdir: str) -> bool:
+  """Whether ``workdir`` holds a finished statistics pass recorded with its files' sha256 (a
+  source for :func:`share_statistics`)."""
+  files = RunFiles(os.path.abspath(workdir))
+  data = artefacts.read_fingerprints(files.fingerprints)
+  return "statistics" in data["stages"] and all(
+      os.path.basename(p) in data["files"] and os.path.exists(p)
+      for p in (files.stats, files.features))
+
+
 def share_statistics(source: str, workdir: str) -> bool:
   """Lets a new run in ``workdir`` reuse the statistics pass of the run in ``source``.
 
@@ -326,10 +336,7 @@ def share_statistics(source: str, workdir: str) -> bool:
   src, dst = RunFiles(os.path.abspath(source)), RunFiles(os.path.abspath(workdir))
   data = artefacts.read_fingerprints(src.fingerprints)
   names = [os.path.basename(p) for p in (src.stats, src.features)]
-  stages = data["stages"]
-  if ("statistics" not in stages
-      or any(n not in data["files"] or not os.path.exists(os.path.join(src.workdir, n))
-             for n in names)):
+  if not has_statistics(src.workdir):
     return False
   if os.path.exists(dst.fingerprints) or os.path.exists(dst.stats):
     return False
@@ -345,6 +352,6 @@ def share_statistics(source: str, workdir: str) -> bool:
   # The statistics record holds its teacher's record (the weights' sha256) as an input, so a
   # run with another teacher is refused by Ledger.check.
   artefacts.write_fingerprints(dst.fingerprints, {
-      "stages": {"statistics": stages["statistics"]},
+      "stages": {"statistics": data["stages"]["statistics"]},
       "files": {n: data["files"][n] for n in names}})
   return True
