@@ -43,6 +43,7 @@ import multiprocessing
 import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -145,9 +146,27 @@ def recover_switches(config: Any) -> dict[str, Any] | None:
   return {name: getattr(options, name) for name in methods.SWITCHES}
 
 
+def exit_with_parent(period_s: float = 1.0) -> threading.Thread:
+  """Ends this process (exit status 1) once its parent is gone: a killed grid must not leave
+  workers computing into the cells' workdirs, which a restarted grid would find locked. The
+  pipeline writes every result atomically, so an exit at any point leaves a resumable workdir
+  (its lock is taken over by the next run, its owner being dead)."""
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(period_s)
+    os._exit(1)
+
+  thread = threading.Thread(target=watch, name="exit_with_parent", daemon=True)
+  thread.start()
+  return thread
+
+
 def _run_cell(config: Any, workdir: str, stop_after: str = "evaluate") -> dict[str, Any]:
   """One pipeline run in this process (the worker side of --workers); returns its metrics."""
   from absl import logging  # noqa: PLC0415 - spawned workers import JAX only here
+  exit_with_parent()
 
   from wmdd_jax import pipeline  # noqa: PLC0415
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO

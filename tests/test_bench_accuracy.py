@@ -96,3 +96,50 @@ def test_grid_runs_the_statistics_pass_once_and_shares_it(tmp_path):
   first = {r["method"]: r["test_top1"] for r in result["rows"]}
   again = accuracy.run_grid(config, **kwargs)
   assert {r["method"]: r["test_top1"] for r in again["rows"]} == first
+
+
+_ORPHAN = """
+import multiprocessing, os, sys, time
+sys.path.insert(0, {root!r})
+
+def worker(path):
+  from bench.accuracy import exit_with_parent
+  exit_with_parent(0.1)
+  with open(path, "w") as f:
+    f.write(str(os.getpid()))
+  time.sleep(60)
+
+if __name__ == "__main__":
+  multiprocessing.get_context("spawn").Process(target=worker, args=({path!r},)).start()
+  time.sleep(60)
+"""
+
+
+def test_a_worker_ends_when_its_grid_is_killed(tmp_path):
+  """A grid killed with SIGKILL leaves no worker computing on (the child sees its parent gone)."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  path = str(tmp_path / "pid")
+  script = tmp_path / "grid.py"
+  script.write_text(_ORPHAN.format(root=accuracy.ROOT, path=path))
+  grid = subprocess.Popen([sys.executable, str(script)])
+  deadline = time.time() + 60
+  while not os.path.exists(path) or not open(path).read():
+    assert time.time() < deadline and grid.poll() is None
+    time.sleep(0.1)
+  child = int(open(path).read())
+  os.kill(grid.pid, signal.SIGKILL)
+  grid.wait()
+  deadline = time.time() + 10
+  while time.time() < deadline:
+    try:
+      with open(f"/proc/{child}/stat") as f:
+        if f.read().rsplit(")", 1)[1].split()[0] == "Z":  # exited, not reaped yet
+          return
+    except FileNotFoundError:
+      return
+    time.sleep(0.1)
+  os.kill(child, signal.SIGKILL)
+  raise AssertionError("the worker outlived its killed grid by 10 s")
