@@ -21,7 +21,8 @@ lint: install
 	$(VENV)/bin/ruff check wmdd_jax experiments tests bench
 
 test: install lint
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q --durations=25 -m "not torch"
+	$(PY) -m pytest -q --durations=10 -m torch
 
 demo: install
 	$(PY) experiments/demo.py --workdir demo_out

@@ -15,6 +15,7 @@ def test_missing_torch_fails_with_the_install_hint(monkeypatch):
     official.main(["--rounds", "1"])
 
 
+@pytest.mark.torch
 def test_official_transcription_runs_at_tiny_shapes():
   torch = pytest.importorskip("torch")
   args = argparse.Namespace(classes=2, ipc=2, hw=8, stem="cifar", threads=1,

@@ -24,6 +24,7 @@ def test_conv_layers_are_resnet18s_twenty_convolutions_with_their_input_shapes()
   assert recover_profile._conv_relu_net(x, params).shape == (2, 512)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("size,stride", [(3, 1), (3, 2), (1, 2)])
 def test_torch_convolution_is_the_same_convolution_as_xlas(size, stride):
   """The per-layer comparison times PyTorch and XLA on the same convolution: same outputs."""

@@ -89,6 +89,7 @@ def _errors(ours, ref):
   return err, err / scale
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("arch,stem,size,wrap", [
     ("resnet18", "imagenet", 45, "plain"),
     ("resnet18", "cifar", 32, "module"),
@@ -116,6 +117,7 @@ def test_matches_torch_forward(arch, stem, size, wrap):
     assert abs_err < 1e-4 and rel_err < 1e-4, (name, abs_err, rel_err)
 
 
+@pytest.mark.torch
 def test_tiny_official_stem_reproduces_pytorch_padding():
   """3x3/2 conv with padding 3: output side (H + 6 - 3) // 2 + 1, the same values as PyTorch."""
   torch = pytest.importorskip("torch")
@@ -134,6 +136,7 @@ def test_tiny_official_stem_reproduces_pytorch_padding():
   np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("arch,stems,expected", [
     ("resnet18", ("imagenet", "tiny", "cifar", "tiny_official"), 11_689_512),
     ("resnet34", ("imagenet",), 21_797_672),
@@ -158,6 +161,7 @@ def test_reference_has_our_parameters(arch, stems, expected):
     assert count == expected - (0 if stem == "imagenet" else 64 * 3 * 40)
 
 
+@pytest.mark.torch
 def test_pth_round_trip(tmp_path):
   """A .pth as the official code writes it (model + optimizer + argparse args) loads safely."""
   torch = pytest.importorskip("torch")

@@ -226,6 +226,7 @@ def test_student_specs_and_protocol_defaults():
   assert evaluate.eval_options(config, run_eval).epochs == 5
 
 
+@pytest.mark.torch
 def test_pytorch_rebuilds_the_stored_views(world, tmp_path):
   """A PyTorch user with only the export (synset.npz + soft_labels_seed<s>.npz) rebuilds every
   view the stored logits belong to: torchvision's resized_crop (slice + bilinear antialiased

@@ -14,15 +14,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-import torch.nn.functional as F  # noqa: E402
+from wmdd_jax import convert
+from wmdd_jax.data import transforms
+from wmdd_jax.models import get_model
+from wmdd_jax.models.base import running_statistics
+from wmdd_jax.recover import RecoverOptions, RecoverTargets, chunk_loss
 
-from tests import torch_resnet  # noqa: E402
-from wmdd_jax import convert  # noqa: E402
-from wmdd_jax.data import transforms  # noqa: E402
-from wmdd_jax.models import get_model  # noqa: E402
-from wmdd_jax.models.base import running_statistics  # noqa: E402
-from wmdd_jax.recover import RecoverOptions, RecoverTargets, chunk_loss  # noqa: E402
+# PyTorch is imported when a test here runs, not when pytest collects the module: `make test`
+# runs the torch-marked tests in their own process, so the package's tests never share a
+# process with torch (see tests/conftest.py).
+pytestmark = pytest.mark.torch
+torch = F = torch_resnet = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch():
+  global torch, F, torch_resnet
+  torch = pytest.importorskip("torch")
+  import torch.nn.functional as functional
+
+  from tests import torch_resnet as reference
+
+  F, torch_resnet = functional, reference
 
 NUM_CLASSES = 6
 HW = 16

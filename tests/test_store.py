@@ -71,6 +71,7 @@ def test_quantize_truncates_not_rounds():
   np.testing.assert_array_equal(got[-3:], [0, 255, 255])
 
 
+@pytest.mark.torch
 def test_quantize_matches_torch_denormalize(rng):
   torch = pytest.importorskip("torch")
   x = _smooth_images(rng, (4, 6, 5, 3))
@@ -119,6 +120,7 @@ def test_roundtrip_is_what_the_student_sees(rng, ch):
       ref.reshape(-1, 16, 16, ch))
 
 
+@pytest.mark.torch
 def test_renormalisation_matches_torchvision_expressions(rng):
   torch = pytest.importorskip("torch")
   u8 = rng.integers(0, 256, (3, 5, 4, 3), dtype=np.uint8)

@@ -236,6 +236,7 @@ def test_box_sampler_matches_reference_formula():
   assert np.asarray(T.sample_crop_box(key, (h, w))).tolist() == [y0, x0, bh[i], bw[i]]
 
 
+@pytest.mark.torch
 def test_crop_and_resize_and_eval_transform_match_torch_interpolate():
   # torchvision on tensors: resized_crop = slice + interpolate(bilinear, antialias); Resize(s) +
   # CenterCrop = interpolate of the whole image to (s, int(s * long / short)) + a centre slice.
