@@ -718,19 +718,15 @@ def _solve_one(
     g = jnp.zeros((num_support,), jnp.float32)
     if opts.solver == "annealed" and opts.anneal:
       support, g = _anneal(s_points, s_mass, support, opts)
-    if not subsampled or starts == 1:
-      return _balanced(s_points, s_mass, s_sq, support, g, s_opts, starts > 1, first)
+    # The cost ranks the starts; subsampled, it only picks those ranked on all points (below).
+    estimate = starts > 1 and not (subsampled and rank_all)
+    return _balanced(s_points, s_mass, s_sq, support, g, s_opts, estimate, first)
+
+  def rank(support_g):
     # Ranked on every point: one polish iteration on all points gives the cost (from below) of
     # the support the subsample led to. A subsample's cluster masses differ from the class's by
     # sampling noise, which can flip near-ties between ways of sharing the support among
     # clusters that differ by 10% and more on all points.
-    support, g, sub_cost = _balanced(s_points, s_mass, s_sq, support, g, s_opts, not rank_all,
-                                     first)
-    if not rank_all:
-      return support, g, sub_cost
-    return _balanced(points, mass, sq_norms, support, g, opts, True, 1)
-
-  def rank(support_g):
     return _balanced(points, mass, sq_norms, *support_g, opts, True, 1)
 
   keys = jax.random.split(start_key, starts)
@@ -743,11 +739,11 @@ def _solve_one(
             (("kmeans", keys[:starts - gaussian]), ("gaussian", keys[starts - gaussian:]))
             if part.shape[0]]
     supports, gs, costs = (jnp.concatenate(x) for x in zip(*outs, strict=True))
-    if subsampled and not rank_all:
-      # The best rank_on_all by subsample cost (ties: the first start) run one polish
-      # iteration on all points, which ranks them.
-      top = jnp.argsort(costs, stable=True)[:opts.rank_on_all]
-      supports, gs, costs = jax.lax.map(rank, (supports[top], gs[top]))
+    if subsampled:
+      if not rank_all:  # only the best rank_on_all by subsample cost (ties: the first start)
+        top = jnp.argsort(costs, stable=True)[:opts.rank_on_all]
+        supports, gs = supports[top], gs[top]
+      supports, gs, costs = jax.lax.map(rank, (supports, gs))
     # Starts within 1e-5 (relative) of the best count as tied and the first of them wins, so
     # float round-off (vmapped over classes or not) does not flip the choice between them.
     best = jnp.argmax(costs <= jnp.min(costs) * (1 + 1e-5) + 1e-30)
