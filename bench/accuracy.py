@@ -11,7 +11,8 @@ WMDD under both recover objectives, SRe2L, random real images, CE+PCBN, Wass+BN)
 (default 1,10,50) x ``--seeds`` (default 0,1,2). Every cell is a full
 :func:`wmdd_jax.pipeline.run` with the config (plus ``--config.<field>=...`` overrides) in its own
 workdir ``<out>/<method>[_<objective>]_ipc<k>_seed<s>``; a finished cell's ``metrics.json`` is
-read, not recomputed, so a killed grid resumes. One teacher serves every cell:
+read, not recomputed, so a killed grid resumes; ``--tabulate_only`` runs nothing and writes the
+results of the cells finished so far (a partial grid's table). One teacher serves every cell:
 ``config.teacher.checkpoint`` when given, else ``<out>/teacher``, trained first (seed of the
 first ``--seeds`` value).
 
@@ -181,7 +182,8 @@ def _run_cell(config: Any, workdir: str, stop_after: str = "evaluate") -> dict[s
 def run_grid(config: Any, *, config_name: str, methods: Sequence[str] = DEFAULT_METHODS,
              ipcs: Sequence[int] = DEFAULT_IPCS, seeds: Sequence[int] = DEFAULT_SEEDS,
              out: str | None = None, results: str | None = None, workers: int = 1,
-             val_fraction: float = 0.0, share_statistics: bool = True, command: str = "",
+             val_fraction: float = 0.0, share_statistics: bool = True,
+             tabulate_only: bool = False, command: str = "",
              log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs (or reads) every cell and writes the results JSON and markdown after each.
 
@@ -199,6 +201,9 @@ def run_grid(config: Any, *, config_name: str, methods: Sequence[str] = DEFAULT_
       only) runs in the first cell that needs it, alone, and the other cells read it
       (:func:`wmdd_jax.fingerprints.share_statistics`, checked like their own results); False:
       every cell computes its own.
+    tabulate_only: run nothing (no teacher, no cell): write the JSON and markdown from the
+      cells already finished under ``out``, e.g. a partial grid's table while the rest waits
+      for compute (each summary entry's n says how many seeds its mean holds).
     command: the command line, recorded in the JSON.
     log: progress printer.
 
@@ -259,6 +264,11 @@ def run_grid(config: Any, *, config_name: str, methods: Sequence[str] = DEFAULT_
     write_result(results, result)
     with open(results[: -len(".json")] + ".md", "w") as f:
       f.write(result["markdown"])
+
+  if tabulate_only:
+    write()
+    log(result["markdown"])
+    return result
 
   with concurrent.futures.ProcessPoolExecutor(max_workers=int(workers), mp_context=mp) as pool:
     if not os.path.exists(teacher):
@@ -354,6 +364,8 @@ def main() -> None:  # pragma: no cover - the CLI; tests run it as a subprocess
   val_fraction = flags.DEFINE_float("val_fraction", 0.0, "Score on a held-out part of train.")
   share = flags.DEFINE_bool("share_statistics", True,
                             "Run the statistics pass once and share it with every cell.")
+  tabulate = flags.DEFINE_bool("tabulate_only", False,
+                               "Run nothing: write the results from the finished cells.")
   flags.mark_flags_as_required(["config"])
 
   def run(argv):
@@ -364,7 +376,7 @@ def main() -> None:  # pragma: no cover - the CLI; tests run it as a subprocess
     run_grid(config.value, config_name=os.path.splitext(os.path.basename(filename))[0],
              methods=methods.value, ipcs=ipcs.value, seeds=seeds.value, out=out.value,
              results=results.value, workers=workers.value, val_fraction=val_fraction.value,
-             share_statistics=share.value,
+             share_statistics=share.value, tabulate_only=tabulate.value,
              command=" ".join(["python -m bench.accuracy", *sys.argv[1:]]))
 
   app.run(run)

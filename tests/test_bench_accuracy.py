@@ -96,6 +96,13 @@ def test_grid_runs_the_statistics_pass_once_and_shares_it(tmp_path):
   first = {r["method"]: r["test_top1"] for r in result["rows"]}
   again = accuracy.run_grid(config, **kwargs)
   assert {r["method"]: r["test_top1"] for r in again["rows"]} == first
+  # tabulate_only over a larger grid: the finished cells' rows, nothing run for the others.
+  kwargs.update(seeds=[0, 1], results=str(tmp_path / "partial.json"))
+  partial = accuracy.run_grid(config, tabulate_only=True, **kwargs)
+  assert {(r["method"], r["seed"]): r["test_top1"] for r in partial["rows"]} == {
+      (m, 0): v for m, v in first.items()}
+  assert not any("seed1" in name for name in os.listdir(tmp_path / "out"))
+  assert os.path.exists(tmp_path / "partial.json") and os.path.exists(tmp_path / "partial.md")
 
 
 _ORPHAN = """
