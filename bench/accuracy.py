@@ -317,6 +317,14 @@ def _statistics_source(config: Any, cell: tuple, metrics: dict[str, Any]) -> str
   return "computed" if "statistics" in (metrics.get("seconds") or {}) else "shared"
 
 
+def _cell_seconds(row):
+  """A finished cell's run time: its wall_s, else (cells that ran before wall_s was written,
+  read back from their metrics.json) the sum of its stages' seconds."""
+  if row.get("wall_s") is not None:
+    return float(row["wall_s"])
+  return float(sum((row.get("seconds") or {}).values()))
+
+
 def _result(config, config_name, plan, done, out, teacher, debug, command, wall_s):
   rows = []
   for c in plan:
@@ -339,7 +347,7 @@ def _result(config, config_name, plan, done, out, teacher, debug, command, wall_
       "teacher_top1": teacher_top1, "cells_planned": len(plan), "cells_done": len(rows),
       "metric": "final-epoch top-1 (%) of metrics.json on the split above",
       "rows": rows, "summary": summarize(rows),
-      "total_cell_s": round(sum(float(r.get("wall_s") or 0.0) for r in rows), 1),
+      "total_cell_s": round(sum(_cell_seconds(r) for r in rows), 1),
       "wall_s": round(wall_s, 1), "script": "bench/accuracy.py", "command": command,
       "config_values": json.loads(config.to_json_best_effort()), "machine": machine(),
   }

@@ -29,6 +29,14 @@ def test_cell_names_keep_objectives_apart():
   assert accuracy.cell_name("random", None, 1, 0) == "random_ipc1_seed0"
 
 
+def test_cell_time_falls_back_to_the_stage_seconds_of_older_cells():
+  assert accuracy._cell_seconds({"wall_s": 12.5, "seconds": {"recover": 3.0}}) == 12.5
+  # A cell finished before wall_s was recorded reads back wall_s None: its stages still count.
+  assert accuracy._cell_seconds({"wall_s": None,
+                                 "seconds": {"recover": 3.0, "evaluate": 4.5}}) == 7.5
+  assert accuracy._cell_seconds({}) == 0.0
+
+
 def test_summary_and_markdown_report_mean_and_sample_std():
   rows = [{"method": "wmdd", "objective": "official", "ipc": 10, "seed": s, "test_top1": v}
           for s, v in enumerate((50.0, 52.0, 57.0))]
