@@ -95,7 +95,7 @@ def test_paper_preset_models_build(name):
 
 
 VARIANTS = [("cifar10_dev", v) for v in ("", "flat", "pooled", "resnet18")] + [
-    ("fashion_mnist", v) for v in ("", "flat", "pooled", "real")]
+    ("fashion_mnist", v) for v in ("", "flat", "pooled", "real", "noise")]
 
 
 @pytest.mark.parametrize("name, variant", VARIANTS)
