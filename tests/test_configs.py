@@ -98,6 +98,18 @@ VARIANTS = [("cifar10_dev", v) for v in ("", "flat", "pooled", "resnet18")] + [
     ("fashion_mnist", v) for v in ("", "flat", "pooled", "real", "noise")]
 
 
+@pytest.mark.parametrize("variant", ["", "real", "flat", "pooled"])
+def test_fashion_mnist_defaults_are_the_screened_recipe(variant):
+  """Issue 14's validation screen chose: recover from real images, WMDD's CE weight 10 (3 for
+  per_class); ``:noise`` keeps the earlier recipe (library defaults, no per-method switches)."""
+  c = load("fashion_mnist", variant)
+  assert c.recover.init == "real"
+  assert c.method_switches.to_dict() == {"wmdd": {"r_ce": 10.0}, "wmdd:per_class": {"r_ce": 3.0}}
+  old = load("fashion_mnist", "noise")
+  assert old.recover.init == config_lib.default_config().recover.init != "real"
+  assert not old.method_switches
+
+
 @pytest.mark.parametrize("name, variant", VARIANTS)
 def test_small_image_variants_build_and_keep_the_baselines_official(name, variant):
   """Every ``config.py:variant`` builds its model and options; ``method_switches`` (issue 14's

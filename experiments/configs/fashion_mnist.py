@@ -23,7 +23,7 @@ screened here); the baselines keep the official switches. Why: at IPC 1 WMDD fro
 1 scored 64.5 val, from real 68.2, from real at r_ce 10 69.5 (random real 66.9, SRe2L 71.0); at
 IPC 10 the four init x r_ce points were 78.75-78.85 (random real 77.8, SRe2L from real 77.0),
 so the IPC-1 choice costs nothing there. Expected (test split, 3 seeds, 3-epoch teacher at
-88.2%, the reduced settings above, ~1-4 min per run on 2 CPU cores;
+88.2%, the reduced settings above; 1-4 min per run on 2 CPU cores at IPC 1 / 10, 6-16 at 50;
 bench/results/accuracy_fashion_mnist.json): WMDD 72.6 / 80.2 at IPC 1 / 10 (random real
 64.7 / 76.6, SRe2L 72.3 / 77.8); IPC 50, one seed: WMDD 85.9, random real 85.7.
 ``:noise`` is the earlier default (from noise, official switches; its grid is
