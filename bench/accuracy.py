@@ -12,7 +12,9 @@ WMDD under both recover objectives, SRe2L, random real images, CE+PCBN, Wass+BN)
 :func:`wmdd_jax.pipeline.run` with the config (plus ``--config.<field>=...`` overrides) in its own
 workdir ``<out>/<method>[_<objective>]_ipc<k>_seed<s>``; a finished cell's ``metrics.json`` is
 read, not recomputed, so a killed grid resumes; ``--tabulate_only`` runs nothing and writes the
-results of the cells finished so far (a partial grid's table). One teacher serves every cell:
+results of the cells finished so far (a partial grid's table); ``--merge A.json,B.json
+--results C.json`` joins grids of one config that ran in parts into one table
+(:func:`merge_results`). One teacher serves every cell:
 ``config.teacher.checkpoint`` when given, else ``<out>/teacher``, trained first (seed of the
 first ``--seeds`` value).
 
@@ -355,6 +357,114 @@ def _result(config, config_name, plan, done, out, teacher, debug, command, wall_
   return result
 
 
+_MERGE_SAME = ("config", "dataset", "split", "debug", "student", "teacher_top1")
+_MERGE_FREE = ("teacher.checkpoint",)  # one path per grid run; the teachers' scores must agree
+
+
+def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(values, dict):
+    return {prefix: values}
+  out: dict[str, Any] = {}
+  for k, v in values.items():
+    out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def merge_results(paths: Sequence[str], results: str, *, note: str = "",
+                  command: str = "") -> dict[str, Any]:
+  """Merges the results JSONs of several grid runs of one config into one table.
+
+  A grid that ran in parts (IPC 1 this week, IPC 50 on seeds 1 and 2 later, each its own
+  ``bench.accuracy`` command) becomes one file with one summary. Runs merge only when they
+  measured the same thing: the same config name, dataset, split, debug flag, student and
+  teacher top-1 (each run may have its own teacher directory, e.g. a retrained deterministic
+  teacher), and the same config values except ``teacher.checkpoint``. A cell that two inputs
+  both hold must be the same run (same workdir and test top-1), and is kept once.
+
+  Args:
+    paths: results JSONs written by :func:`run_grid` (or by this function).
+    results: the merged JSON's path (its markdown goes beside it, ``.md``).
+    note: free text kept in the JSON (default: the inputs' notes, joined).
+    command: the merge command line, recorded in the JSON.
+
+  Returns:
+    The merged result: rows ordered by IPC, then the inputs' method order, then seed;
+    ``commands``: every input's grid command(s); ``merged_from``: the input paths;
+    ``wall_s`` None (no single run; ``total_cell_s`` sums the cells' times, each once).
+
+  Raises:
+    ConfigError: fewer than two inputs, an input that is not an accuracy grid, inputs that
+      differ in what they measured (the error names the fields), or a cell with two results.
+  """
+  if len(paths) < 2:
+    raise ConfigError(f"--merge needs at least two results JSONs; got {list(paths)}.")
+  inputs = []
+  for path in paths:
+    with open(path) as f:
+      data = json.load(f)
+    if data.get("benchmark") != "accuracy" or "rows" not in data:
+      raise ConfigError(f"{path} is not a bench.accuracy results JSON (benchmark "
+                        f"{data.get('benchmark')!r}).")
+    inputs.append((path, data))
+  first_path, first = inputs[0]
+  base_values = {k: v for k, v in _flat(first.get("config_values", {})).items()
+                 if k not in _MERGE_FREE}
+  for path, data in inputs[1:]:
+    differ = [k for k in _MERGE_SAME if data.get(k) != first.get(k)]
+    values = {k: v for k, v in _flat(data.get("config_values", {})).items()
+              if k not in _MERGE_FREE}
+    differ += sorted(k for k in set(values) | set(base_values)
+                     if values.get(k) != base_values.get(k))
+    if differ:
+      shown = ", ".join(f"{k}: {_lookup(first, base_values, k)!r} vs "
+                        f"{_lookup(data, values, k)!r}" for k in differ[:6])
+      raise ConfigError(f"{path} and {first_path} measured different things ({shown}"
+                        f"{', ...' if len(differ) > 6 else ''}); merge only runs of one config.")
+  rows: dict[tuple, dict[str, Any]] = {}
+  for path, data in inputs:
+    for r in data["rows"]:
+      key = (r["method"], r["objective"], r["ipc"], r["seed"])
+      old = rows.get(key)
+      if old is not None and (old.get("workdir"), old["test_top1"]) != (
+          r.get("workdir"), r["test_top1"]):
+        raise ConfigError(f"cell {key} has two results ({old['test_top1']} in "
+                          f"{old.get('workdir')}, {r['test_top1']} in {r.get('workdir')} from "
+                          f"{path}); drop one input.")
+      rows.setdefault(key, r)
+  labels = list(dict.fromkeys((m, o) for m, o, _, _ in rows))
+  ordered = sorted(rows.values(), key=lambda r: (r["ipc"], labels.index(
+      (r["method"], r["objective"])), r["seed"]))
+  commands: list[str] = []
+  for _, data in inputs:
+    for c in data.get("commands") or [data.get("command", "")]:
+      if c and c not in commands:
+        commands.append(c)
+  teachers = list(dict.fromkeys(str(d.get("teacher")) for _, d in inputs))
+  result = {
+      **{k: v for k, v in first.items() if k not in ("rows", "summary", "markdown", "note")},
+      "command": command or "python -m bench.accuracy --merge " + ",".join(paths),
+      "teacher": ", ".join(teachers),
+      "cells_planned": len(ordered), "cells_done": len(ordered),
+      "rows": ordered, "summary": summarize(ordered),
+      "total_cell_s": round(sum(_cell_seconds(r) for r in ordered), 1),
+      "wall_s": None,  # no single run: total_cell_s sums the cells, each counted once
+      "commands": commands, "merged_from": [os.path.relpath(p, ROOT) if os.path.isabs(p)
+                                            else p for p in paths],
+  }
+  joined = note or " ".join(dict.fromkeys(d["note"] for _, d in inputs if d.get("note")))
+  if joined:
+    result["note"] = joined
+  result["markdown"] = markdown(result)
+  write_result(results, result)
+  with open(results[: -len(".json")] + ".md", "w") as f:
+    f.write(result["markdown"])
+  return result
+
+
+def _lookup(data: dict[str, Any], values: dict[str, Any], key: str) -> Any:
+  return data[key] if key in _MERGE_SAME else values.get(key)
+
+
 def main() -> None:  # pragma: no cover - the CLI; tests run it as a subprocess
   """Parses the flags (absl + ml_collections config_flags) and runs :func:`run_grid`."""
   from absl import app, flags, logging  # noqa: PLC0415
@@ -374,12 +484,23 @@ def main() -> None:  # pragma: no cover - the CLI; tests run it as a subprocess
                             "Run the statistics pass once and share it with every cell.")
   tabulate = flags.DEFINE_bool("tabulate_only", False,
                                "Run nothing: write the results from the finished cells.")
-  flags.mark_flags_as_required(["config"])
+  merge = flags.DEFINE_list("merge", [], "Merge these results JSONs (runs of one config) into "
+                            "--results; runs nothing.")
+  note = flags.DEFINE_string("note", "", "With --merge: a note kept in the merged JSON.")
 
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}; see --help.")
     logging.set_verbosity(logging.WARNING)
+    if merge.value:
+      if not results.value:
+        raise app.UsageError("--merge needs --results (the merged JSON's path).")
+      merged = merge_results(merge.value, results.value, note=note.value,
+                             command=" ".join(["python -m bench.accuracy", *sys.argv[1:]]))
+      print(merged["markdown"])
+      return
+    if config.value is None:
+      raise app.UsageError("--config is required (or --merge A.json,B.json --results C.json).")
     filename = config_flags.get_config_filename(flags.FLAGS["config"])
     run_grid(config.value, config_name=os.path.splitext(os.path.basename(filename))[0],
              methods=methods.value, ipcs=ipcs.value, seeds=seeds.value, out=out.value,

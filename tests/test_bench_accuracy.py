@@ -158,3 +158,81 @@ def test_a_worker_ends_when_its_grid_is_killed(tmp_path):
     time.sleep(0.1)
   os.kill(child, signal.SIGKILL)
   raise AssertionError("the worker outlived its killed grid by 10 s")
+
+
+def _grid_json(path, cells, *, iterations=500, checkpoint="/runs/a/teacher", command="grid"):
+  """A results JSON as run_grid writes it: ``cells`` = [(method, objective, ipc, seed, top1)]."""
+  import json
+  rows = [{"method": m, "objective": o, "ipc": k, "seed": s, "test_top1": t,
+           "workdir": f"{os.path.dirname(checkpoint)}/{accuracy.cell_name(m, o, k, s)}",
+           "wall_s": 10.0} for m, o, k, s, t in cells]
+  data = {"benchmark": "accuracy", "config": "digits", "dataset": "sklearn:digits",
+          "split": "test", "debug": False, "student": "convnet_d3",
+          "teacher": os.path.dirname(checkpoint) + "/teacher", "teacher_top1": 90.0,
+          "rows": rows, "summary": accuracy.summarize(rows), "total_cell_s": 10.0 * len(rows),
+          "wall_s": 99.0, "command": command,
+          "config_values": {"recover": {"iterations": iterations},
+                            "teacher": {"checkpoint": checkpoint}},
+          "machine": {"device_kind": "cpu"}}
+  with open(path, "w") as f:
+    json.dump(data, f)
+  return str(path)
+
+
+def test_merge_joins_grids_that_ran_in_parts(tmp_path):
+  """Two parts of one grid (different teacher dirs, same teacher score) become one table; a
+  cell both hold is kept once; the summary is recomputed over the union."""
+  import json
+  import statistics
+  a = _grid_json(tmp_path / "a.json", [("wmdd", "official", 1, 0, 70.0),
+                                       ("random", None, 1, 0, 60.0),
+                                       ("wmdd", "official", 50, 0, 85.0)], command="part a")
+  b = _grid_json(tmp_path / "b.json", [("wmdd", "official", 50, 1, 86.0),
+                                       ("wmdd", "official", 50, 2, 88.0)],
+                 checkpoint="/runs/b/teacher", command="part b")
+  # b again, holding a's IPC-50 seed-0 cell too (the same run): kept once.
+  c = _grid_json(tmp_path / "c.json", [("wmdd", "official", 50, 0, 85.0)], command="part c")
+  out = str(tmp_path / "merged.json")
+  got = accuracy.merge_results([a, b, c], out)
+  assert [(r["method"], r["ipc"], r["seed"]) for r in got["rows"]] == [
+      ("wmdd", 1, 0), ("random", 1, 0), ("wmdd", 50, 0), ("wmdd", 50, 1), ("wmdd", 50, 2)]
+  by = {(s["method"], s["ipc"]): s for s in got["summary"]}
+  assert by[("wmdd", 50)]["n"] == 3
+  assert by[("wmdd", 50)]["mean"] == pytest.approx(statistics.mean([85.0, 86.0, 88.0]))
+  assert by[("wmdd", 50)]["std"] == pytest.approx(statistics.stdev([85.0, 86.0, 88.0]))
+  assert got["commands"] == ["part a", "part b", "part c"]
+  assert got["total_cell_s"] == 50.0 and got["wall_s"] is None
+  assert "/runs/a/teacher" in got["teacher"] and "/runs/b/teacher" in got["teacher"]
+  with open(out) as f:
+    assert json.load(f)["summary"] == got["summary"]
+  assert "85.0" not in open(out[:-5] + ".md").read()  # the table shows the mean
+  assert "86.3 +- 1.5 (3)" in open(out[:-5] + ".md").read()
+
+
+def test_merge_refuses_runs_that_measured_different_things(tmp_path):
+  a = _grid_json(tmp_path / "a.json", [("random", None, 1, 0, 60.0)])
+  b = _grid_json(tmp_path / "b.json", [("random", None, 1, 1, 61.0)], iterations=2000)
+  with pytest.raises(ConfigError, match="recover.iterations: 500 vs 2000"):
+    accuracy.merge_results([a, b], str(tmp_path / "m.json"))
+  conflict = _grid_json(tmp_path / "c.json", [("random", None, 1, 0, 62.0)])
+  with pytest.raises(ConfigError, match="two results"):
+    accuracy.merge_results([a, conflict], str(tmp_path / "m.json"))
+  with pytest.raises(ConfigError, match="at least two"):
+    accuracy.merge_results([a], str(tmp_path / "m.json"))
+  assert not os.path.exists(tmp_path / "m.json")  # nothing written on an error
+
+
+def test_merge_cli_writes_the_merged_table(tmp_path):
+  import subprocess
+  import sys
+  a = _grid_json(tmp_path / "a.json", [("random", None, 1, 0, 60.0)])
+  b = _grid_json(tmp_path / "b.json", [("random", None, 1, 1, 62.0)])
+  out = tmp_path / "m.json"
+  done = subprocess.run([sys.executable, "-m", "bench.accuracy", f"--merge={a},{b}",
+                         f"--results={out}", "--note=two parts"], cwd=accuracy.ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert "61.0 +- 1.4 (2)" in done.stdout and out.exists()
+  missing = subprocess.run([sys.executable, "-m", "bench.accuracy", f"--merge={a},{b}"],
+                           cwd=accuracy.ROOT, capture_output=True, text=True, timeout=300)
+  assert missing.returncode != 0 and "--merge needs --results" in missing.stderr
