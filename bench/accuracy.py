@@ -371,25 +371,29 @@ def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def merge_results(paths: Sequence[str], results: str, *, note: str = "",
-                  command: str = "") -> dict[str, Any]:
+                  allow: Sequence[str] = (), command: str = "") -> dict[str, Any]:
   """Merges the results JSONs of several grid runs of one config into one table.
 
   A grid that ran in parts (IPC 1 this week, IPC 50 on seeds 1 and 2 later, each its own
   ``bench.accuracy`` command) becomes one file with one summary. Runs merge only when they
   measured the same thing: the same config name, dataset, split, debug flag, student and
   teacher top-1 (each run may have its own teacher directory, e.g. a retrained deterministic
-  teacher), and the same config values except ``teacher.checkpoint``. A cell that two inputs
-  both hold must be the same run (same workdir and test top-1), and is kept once.
+  teacher), and the same config values except ``teacher.checkpoint`` and those named in
+  ``allow`` (a deliberate choice, e.g. a solver option added between the runs; every such
+  difference is kept in the JSON's ``merge_differences``). A cell that two inputs both hold must
+  be the same run (same workdir and test top-1), and is kept once.
 
   Args:
     paths: results JSONs written by :func:`run_grid` (or by this function).
     results: the merged JSON's path (its markdown goes beside it, ``.md``).
     note: free text kept in the JSON (default: the inputs' notes, joined).
+    allow: config value names (``barycenter.start_epsilon``) that may differ between inputs.
     command: the merge command line, recorded in the JSON.
 
   Returns:
     The merged result: rows ordered by IPC, then the inputs' method order, then seed;
     ``commands``: every input's grid command(s); ``merged_from``: the input paths;
+    ``merge_differences``: {name: [each input's value]} for the allowed names that differed;
     ``wall_s`` None (no single run; ``total_cell_s`` sums the cells' times, each once).
 
   Raises:
@@ -407,19 +411,23 @@ def merge_results(paths: Sequence[str], results: str, *, note: str = "",
                         f"{data.get('benchmark')!r}).")
     inputs.append((path, data))
   first_path, first = inputs[0]
+  free = set(_MERGE_FREE) | set(allow)
   base_values = {k: v for k, v in _flat(first.get("config_values", {})).items()
-                 if k not in _MERGE_FREE}
+                 if k not in free}
   for path, data in inputs[1:]:
     differ = [k for k in _MERGE_SAME if data.get(k) != first.get(k)]
-    values = {k: v for k, v in _flat(data.get("config_values", {})).items()
-              if k not in _MERGE_FREE}
+    values = {k: v for k, v in _flat(data.get("config_values", {})).items() if k not in free}
     differ += sorted(k for k in set(values) | set(base_values)
                      if values.get(k) != base_values.get(k))
     if differ:
       shown = ", ".join(f"{k}: {_lookup(first, base_values, k)!r} vs "
                         f"{_lookup(data, values, k)!r}" for k in differ[:6])
       raise ConfigError(f"{path} and {first_path} measured different things ({shown}"
-                        f"{', ...' if len(differ) > 6 else ''}); merge only runs of one config.")
+                        f"{', ...' if len(differ) > 6 else ''}); merge only runs of one config "
+                        "(or name a deliberate difference in --merge_allow).")
+  flat_inputs = [_flat(d.get("config_values", {})) for _, d in inputs]
+  differences = {k: [v.get(k) for v in flat_inputs] for k in allow
+                 if len({json.dumps(v.get(k)) for v in flat_inputs}) > 1}
   rows: dict[tuple, dict[str, Any]] = {}
   for path, data in inputs:
     for r in data["rows"]:
@@ -448,8 +456,8 @@ def merge_results(paths: Sequence[str], results: str, *, note: str = "",
       "rows": ordered, "summary": summarize(ordered),
       "total_cell_s": round(sum(_cell_seconds(r) for r in ordered), 1),
       "wall_s": None,  # no single run: total_cell_s sums the cells, each counted once
-      "commands": commands, "merged_from": [os.path.relpath(p, ROOT) if os.path.isabs(p)
-                                            else p for p in paths],
+      "commands": commands, "merge_differences": differences,
+      "merged_from": [os.path.relpath(p, ROOT) if os.path.isabs(p) else p for p in paths],
   }
   joined = note or " ".join(dict.fromkeys(d["note"] for _, d in inputs if d.get("note")))
   if joined:
@@ -487,6 +495,8 @@ def main() -> None:  # pragma: no cover - the CLI; tests run it as a subprocess
   merge = flags.DEFINE_list("merge", [], "Merge these results JSONs (runs of one config) into "
                             "--results; runs nothing.")
   note = flags.DEFINE_string("note", "", "With --merge: a note kept in the merged JSON.")
+  allow = flags.DEFINE_list("merge_allow", [], "With --merge: config values that may differ "
+                            "between the parts (kept in merge_differences).")
 
   def run(argv):
     if len(argv) > 1:
@@ -495,7 +505,7 @@ def main() -> None:  # pragma: no cover - the CLI; tests run it as a subprocess
     if merge.value:
       if not results.value:
         raise app.UsageError("--merge needs --results (the merged JSON's path).")
-      merged = merge_results(merge.value, results.value, note=note.value,
+      merged = merge_results(merge.value, results.value, note=note.value, allow=allow.value,
                              command=" ".join(["python -m bench.accuracy", *sys.argv[1:]]))
       print(merged["markdown"])
       return

@@ -214,6 +214,11 @@ def test_merge_refuses_runs_that_measured_different_things(tmp_path):
   b = _grid_json(tmp_path / "b.json", [("random", None, 1, 1, 61.0)], iterations=2000)
   with pytest.raises(ConfigError, match="recover.iterations: 500 vs 2000"):
     accuracy.merge_results([a, b], str(tmp_path / "m.json"))
+  # A deliberate difference is allowed by name and recorded.
+  allowed = accuracy.merge_results([a, b], str(tmp_path / "ok.json"),
+                                   allow=["recover.iterations"])
+  assert allowed["merge_differences"] == {"recover.iterations": [500, 2000]}
+  assert len(allowed["rows"]) == 2
   conflict = _grid_json(tmp_path / "c.json", [("random", None, 1, 0, 62.0)])
   with pytest.raises(ConfigError, match="two results"):
     accuracy.merge_results([a, conflict], str(tmp_path / "m.json"))
