@@ -505,8 +505,12 @@ def main() -> None:  # pragma: no cover - the CLI; tests run it as a subprocess
     if merge.value:
       if not results.value:
         raise app.UsageError("--merge needs --results (the merged JSON's path).")
+      # The note is kept in the JSON itself; the command names what was merged.
+      command = (f"python -m bench.accuracy --merge {','.join(merge.value)} "
+                 f"--results {results.value}"
+                 + (f" --merge_allow {','.join(allow.value)}" if allow.value else ""))
       merged = merge_results(merge.value, results.value, note=note.value, allow=allow.value,
-                             command=" ".join(["python -m bench.accuracy", *sys.argv[1:]]))
+                             command=command)
       print(merged["markdown"])
       return
     if config.value is None:
