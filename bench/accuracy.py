@@ -14,7 +14,8 @@ workdir ``<out>/<method>[_<objective>]_ipc<k>_seed<s>``; a finished cell's ``met
 read, not recomputed, so a killed grid resumes; ``--tabulate_only`` runs nothing and writes the
 results of the cells finished so far (a partial grid's table); ``--merge A.json,B.json
 --results C.json`` joins grids of one config that ran in parts into one table
-(:func:`merge_results`). One teacher serves every cell:
+(:func:`merge_results`; ``--merge_allow a.b,c.d`` names config values that may differ between
+the parts, recorded in ``merge_differences``). One teacher serves every cell:
 ``config.teacher.checkpoint`` when given, else ``<out>/teacher``, trained first (seed of the
 first ``--seeds`` value).
 
