@@ -264,9 +264,7 @@ def run_grid(config: Any, *, config_name: str, methods: Sequence[str] = DEFAULT_
     nonlocal result
     result = _result(base, config_name, plan, done, out, teacher, debug, command,
                      time.perf_counter() - start)
-    write_result(results, result)
-    with open(results[: -len(".json")] + ".md", "w") as f:
-      f.write(result["markdown"])
+    _write(results, result)
 
   if tabulate_only:
     write()
@@ -326,6 +324,13 @@ def _cell_seconds(row):
   if row.get("wall_s") is not None:
     return float(row["wall_s"])
   return float(sum((row.get("seconds") or {}).values()))
+
+
+def _write(results: str, result: dict[str, Any]) -> None:
+  """The results JSON and its markdown table beside it (``.md``)."""
+  write_result(results, result)
+  with open(results[: -len(".json")] + ".md", "w") as f:
+    f.write(result["markdown"])
 
 
 def _result(config, config_name, plan, done, out, teacher, debug, command, wall_s):
@@ -411,24 +416,21 @@ def merge_results(paths: Sequence[str], results: str, *, note: str = "",
       raise ConfigError(f"{path} is not a bench.accuracy results JSON (benchmark "
                         f"{data.get('benchmark')!r}).")
     inputs.append((path, data))
-  first_path, first = inputs[0]
+  # Each input's header fields and flattened config values ("recover.iterations": 500).
+  measured = [{**{k: d.get(k) for k in _MERGE_SAME}, **_flat(d.get("config_values", {}))}
+              for _, d in inputs]
   free = set(_MERGE_FREE) | set(allow)
-  base_values = {k: v for k, v in _flat(first.get("config_values", {})).items()
-                 if k not in free}
-  for path, data in inputs[1:]:
-    differ = [k for k in _MERGE_SAME if data.get(k) != first.get(k)]
-    values = {k: v for k, v in _flat(data.get("config_values", {})).items() if k not in free}
-    differ += sorted(k for k in set(values) | set(base_values)
-                     if values.get(k) != base_values.get(k))
+  first_path, first = paths[0], measured[0]
+  for path, values in zip(paths[1:], measured[1:], strict=True):
+    differ = sorted(k for k in set(values) | set(first)
+                    if k not in free and values.get(k) != first.get(k))
     if differ:
-      shown = ", ".join(f"{k}: {_lookup(first, base_values, k)!r} vs "
-                        f"{_lookup(data, values, k)!r}" for k in differ[:6])
+      shown = ", ".join(f"{k}: {first.get(k)!r} vs {values.get(k)!r}" for k in differ[:6])
       raise ConfigError(f"{path} and {first_path} measured different things ({shown}"
                         f"{', ...' if len(differ) > 6 else ''}); merge only runs of one config "
                         "(or name a deliberate difference in --merge_allow).")
-  flat_inputs = [_flat(d.get("config_values", {})) for _, d in inputs]
-  differences = {k: [v.get(k) for v in flat_inputs] for k in allow
-                 if len({json.dumps(v.get(k)) for v in flat_inputs}) > 1}
+  differences = {k: [v.get(k) for v in measured] for k in allow
+                 if len({json.dumps(v.get(k)) for v in measured}) > 1}
   rows: dict[tuple, dict[str, Any]] = {}
   for path, data in inputs:
     for r in data["rows"]:
@@ -450,7 +452,8 @@ def merge_results(paths: Sequence[str], results: str, *, note: str = "",
         commands.append(c)
   teachers = list(dict.fromkeys(str(d.get("teacher")) for _, d in inputs))
   result = {
-      **{k: v for k, v in first.items() if k not in ("rows", "summary", "markdown", "note")},
+      **{k: v for k, v in inputs[0][1].items()
+         if k not in ("rows", "summary", "markdown", "note")},
       "command": command or "python -m bench.accuracy --merge " + ",".join(paths),
       "teacher": ", ".join(teachers),
       "cells_planned": len(ordered), "cells_done": len(ordered),
@@ -464,14 +467,8 @@ def merge_results(paths: Sequence[str], results: str, *, note: str = "",
   if joined:
     result["note"] = joined
   result["markdown"] = markdown(result)
-  write_result(results, result)
-  with open(results[: -len(".json")] + ".md", "w") as f:
-    f.write(result["markdown"])
+  _write(results, result)
   return result
-
-
-def _lookup(data: dict[str, Any], values: dict[str, Any], key: str) -> Any:
-  return data[key] if key in _MERGE_SAME else values.get(key)
 
 
 def main() -> None:  # pragma: no cover - the CLI; tests run it as a subprocess
@@ -503,9 +500,13 @@ def main() -> None:  # pragma: no cover - the CLI; tests run it as a subprocess
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}; see --help.")
     logging.set_verbosity(logging.WARNING)
+    if (note.value or allow.value) and not merge.value:
+      raise app.UsageError("--note and --merge_allow only go with --merge A.json,B.json.")
     if merge.value:
       if not results.value:
         raise app.UsageError("--merge needs --results (the merged JSON's path).")
+      if config.value is not None:
+        raise app.UsageError("--merge runs nothing and reads no config: drop --config.")
       # The note is kept in the JSON itself; the command names what was merged.
       command = (f"python -m bench.accuracy --merge {','.join(merge.value)} "
                  f"--results {results.value}"

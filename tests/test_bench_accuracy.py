@@ -210,6 +210,7 @@ def test_merge_joins_grids_that_ran_in_parts(tmp_path):
 
 
 def test_merge_refuses_runs_that_measured_different_things(tmp_path):
+  import json
   a = _grid_json(tmp_path / "a.json", [("random", None, 1, 0, 60.0)])
   b = _grid_json(tmp_path / "b.json", [("random", None, 1, 1, 61.0)], iterations=2000)
   with pytest.raises(ConfigError, match="recover.iterations: 500 vs 2000"):
@@ -219,6 +220,12 @@ def test_merge_refuses_runs_that_measured_different_things(tmp_path):
                                    allow=["recover.iterations"])
   assert allowed["merge_differences"] == {"recover.iterations": [500, 2000]}
   assert len(allowed["rows"]) == 2
+  other_teacher = _grid_json(tmp_path / "t.json", [("random", None, 1, 1, 61.0)])
+  data = json.load(open(other_teacher))
+  data["teacher_top1"] = 88.0
+  json.dump(data, open(other_teacher, "w"))
+  with pytest.raises(ConfigError, match="teacher_top1: 90.0 vs 88.0"):
+    accuracy.merge_results([a, other_teacher], str(tmp_path / "m.json"))
   conflict = _grid_json(tmp_path / "c.json", [("random", None, 1, 0, 62.0)])
   with pytest.raises(ConfigError, match="two results"):
     accuracy.merge_results([a, conflict], str(tmp_path / "m.json"))
@@ -241,3 +248,7 @@ def test_merge_cli_writes_the_merged_table(tmp_path):
   missing = subprocess.run([sys.executable, "-m", "bench.accuracy", f"--merge={a},{b}"],
                            cwd=accuracy.ROOT, capture_output=True, text=True, timeout=300)
   assert missing.returncode != 0 and "--merge needs --results" in missing.stderr
+  stray = subprocess.run([sys.executable, "-m", "bench.accuracy", "--note=x",
+                          "--config=experiments/configs/digits.py"],
+                         cwd=accuracy.ROOT, capture_output=True, text=True, timeout=300)
+  assert stray.returncode != 0 and "only go with --merge" in stray.stderr
