@@ -450,7 +450,8 @@ def merge_results(paths: Sequence[str], results: str, *, note: str = "",
     for c in data.get("commands") or [data.get("command", "")]:
       if c and c not in commands:
         commands.append(c)
-  teachers = list(dict.fromkeys(str(d.get("teacher")) for _, d in inputs))
+  # A merged input already lists its teachers: split them so that a path is listed once.
+  teachers = list(dict.fromkeys(t for _, d in inputs for t in str(d.get("teacher")).split(", ")))
   result = {
       **{k: v for k, v in inputs[0][1].items()
          if k not in ("rows", "summary", "markdown", "note")},

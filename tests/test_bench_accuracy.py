@@ -202,7 +202,12 @@ def test_merge_joins_grids_that_ran_in_parts(tmp_path):
   assert by[("wmdd", 50)]["std"] == pytest.approx(statistics.stdev([85.0, 86.0, 88.0]))
   assert got["commands"] == ["part a", "part b", "part c"]
   assert got["total_cell_s"] == 50.0 and got["wall_s"] is None
-  assert "/runs/a/teacher" in got["teacher"] and "/runs/b/teacher" in got["teacher"]
+  assert got["teacher"] == "/runs/a/teacher, /runs/b/teacher"
+  # Merging the merged result with one more part lists each teacher once.
+  d = _grid_json(tmp_path / "d.json", [("random", None, 50, 0, 84.0)], command="part d")
+  again = accuracy.merge_results([out, d], str(tmp_path / "again.json"))
+  assert again["teacher"] == "/runs/a/teacher, /runs/b/teacher"
+  assert len(again["rows"]) == 6
   with open(out) as f:
     assert json.load(f)["summary"] == got["summary"]
   assert "85.0" not in open(out[:-5] + ".md").read()  # the table shows the mean
