@@ -19,6 +19,10 @@
 # (accuracy_fashion_mnist.json, accuracy_cifar10_dev.json), and are copied to $OUT when it is
 # set (the device tool's return folder), with the log.
 #
+# On a machine without internet whose Python has JAX/Flax/Optax/Orbax but not ott-jax or
+# ml-collections (this workplace's lent GPUs): `bash bench/offline_bundle.sh` here first, carry
+# .whl and .dsets, and run `BUDGET=560 bash .whl/run.sh` there (wheels, import check, this script).
+#
 # Data: the configs read ../shared/datasets/{fashion-mnist,cifar10-dev}; where that folder is
 # absent and ./.dsets holds the two datasets (copied there by hand), it is linked in.
 set -uo pipefail
