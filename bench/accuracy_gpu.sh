@@ -7,7 +7,7 @@
 # second call on the same machine finishes what a first one left.
 #
 #     bash bench/accuracy_gpu.sh                                  # FM + cifar together, then R18
-#     GRIDS="resnet18" WORKERS=12 bash bench/accuracy_gpu.sh      # one grid
+#     GRIDS="resnet18" WORKERS=12 bash bench/accuracy_gpu.sh      # one grid (or: ... .sh resnet18)
 #     DEADLINE_S=540 bash bench/accuracy_gpu.sh                   # stop every grid after 540 s
 #     EXTRA="--ipcs 1 --seeds 0 --config.debug=True" WORKERS=1 bash bench/accuracy_gpu.sh  # smoke
 #
@@ -29,7 +29,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 W=${WORKERS:-7}
-GRIDS=${GRIDS:-fashion_mnist+cifar10_dev resnet18}
+GRIDS=${*:-${GRIDS:-fashion_mnist+cifar10_dev resnet18}}  # arguments, as GRIDS, win
 DEADLINE_S=${DEADLINE_S:-0}
 START=$(date +%s)
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/wmdd_jax_cache}
