@@ -17,14 +17,14 @@
 # cell. Results go to bench/results/accuracy_<grid>_gpu.json (+ .md; resnet18:
 # accuracy_cifar10_dev_resnet18_gpu.json), never over the CPU tables
 # (accuracy_fashion_mnist.json, accuracy_cifar10_dev.json), and are copied to $OUT when it is
-# set (the device tool's return folder), with the log.
+# set (the device tool's return folder; .whl/run.sh also logs there).
 #
 # On a machine without internet whose Python has JAX/Flax/Optax/Orbax but not ott-jax or
 # ml-collections (this workplace's lent GPUs): `bash bench/offline_bundle.sh` here first, carry
 # .whl and .dsets, and run `BUDGET=560 bash .whl/run.sh` there (wheels, import check, this script).
 #
 # Data: the configs read ../shared/datasets/{fashion-mnist,cifar10-dev}; where that folder is
-# absent and ./.dsets holds the two datasets (copied there by hand), it is linked in.
+# absent and ./.dsets holds the two datasets (bench/offline_bundle.sh copies them), it is linked in.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}

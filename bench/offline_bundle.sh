@@ -11,7 +11,7 @@
 # .whl/run.sh installs the wheels into /tmp/site, checks the imports (else installs the pinned
 # ones), runs bench/accuracy_gpu.sh with DEADLINE_S = BUDGET minus its own set-up time, retries
 # once with the pinned wheels if the grids fail in the first 150 s, and logs to $OUT/log.txt.
-# PYVER and PLATFORM name the target interpreter (default 3.12, manylinux x86-64).
+# PYVER names the target interpreter (default 3.12; wheels for manylinux x86-64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYVER=${PYVER:-3.12}
@@ -31,7 +31,11 @@ jaxopt=$("$PY" -m pip show jaxopt 2>/dev/null | awk '/^Version/{print $2}' || tr
 get .whl $(pins "ott-jax|ml-collections") "jaxopt==${jaxopt:-0.8.5}"
 get .whl/pin $(pins "flax|optax|orbax-checkpoint")
 for ds in fashion-mnist cifar10-dev; do
-  [ -d "../shared/datasets/$ds" ] && cp -r "../shared/datasets/$ds" .dsets/ && chmod -R u+w .dsets
+  if [ -d "../shared/datasets/$ds" ]; then
+    cp -r "../shared/datasets/$ds" .dsets/ && chmod -R u+w .dsets
+  else
+    echo "offline_bundle: ../shared/datasets/$ds not found; its grid will fail there" >&2
+  fi
 done
 cat > .whl/run.sh <<'RUN'
 # Written by bench/offline_bundle.sh: run from the repository root on the accelerator machine.
