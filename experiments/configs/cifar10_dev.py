@@ -19,9 +19,10 @@ real images (``recover.init="real"``: the IPC images per class that method "rand
 the same seed, so each method's gain over random real images is a paired difference).
 Runtime on 2 CPU cores: about 10 min per IPC-10 cell. Nothing in this config was tuned on x_test.
 Expected student top-1 on x_test at reduced settings (500 recover iterations, 200 student epochs;
-3 seeds; bench/results/accuracy_cifar10_dev.json): WMDD 38.2 (IPC 1), 53.8 (IPC 10) and 65.4
-(IPC 50), random real images 32.5, 44.9 and 63.7, SRe2L 33.7, 47.9 and 61.8, CE+PCBN 36.3, 52.0
-and 65.2, Wass+BN 32.1, 45.1 and 62.3 (about 12-17 min per IPC-50 recover cell on 2 cores).
+3 seeds; bench/results/accuracy_cifar10_dev.json): WMDD 38.2 (IPC 1), 53.8 (IPC 10) and 65.4 (IPC
+50; per_class objective 37.4, 53.5 and 65.0), random real images 32.5, 44.9 and 63.7, SRe2L 33.7,
+47.9 and 61.8, CE+PCBN 36.3, 52.0 and 65.2, Wass+BN 32.1, 45.1 and 62.3 (about 12-17 min per
+IPC-50 recover cell on 2 cores).
 
 Teacher features: ConvNet-D3 with ``features="pooled"`` (the last map's spatial mean, d=128,
 for the statistics' features, the barycenters and the feature loss; the classifier and the trained
