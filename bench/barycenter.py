@@ -3,16 +3,18 @@
 Per class of each family it runs, in one process: POT (``ot.lp.free_support_barycenter``, the
 exact network-simplex LP per iteration, from a random normal init as the official WMDD code
 calls it) and, through ``free_support_barycenter``: the default (``solver="semidual"``: starts
-on a 512-point subsample, half seeded by OTT-JAX k-means and half by a Gaussian fit, each
-polished 5 iterations there (at the coarser start_epsilon), the best 3 of them by subsample
-cost ranked by one polish iteration on all points, the winner polished on all points;
-min(8, max(1, 60 // k)) starts: 8 at k=5, 6 at k=10, one at k=50), the previous default
-(``previous``: 4 k-means++ starts on all points, no subsample, stop_fraction 1e-3), one start
-(``num_inits=1``), the OTT-JAX annealed solver (``solver="annealed"``: one start, five OTT
-Sinkhorn annealing stages, then the polish), OTT-JAX's ``FreeWassersteinBarycenter``
-(``solver="ott"``, one start, timed once; on the first ``--ott_classes`` classes only, it is
-slow) and learned weights (OTT-JAX k-means). Every W2^2 is measured exactly by POT's ``ot.emd2``
-against the uniform measure on the class's points.
+on a 512-point subsample weighted by its Voronoi cells, half seeded by a Gaussian fit, one
+annealed by OTT-JAX Sinkhorn and the rest by OTT-JAX k-means, each polished 5 iterations
+there (at the coarser start_epsilon), the best 3 of them by subsample cost ranked by one
+polish iteration on all points, the winner polished on all points; min(8, 100 // k) starts up
+to k=30: 8 at k=5 and 10, 5 at k=20, one at k=50), the previous default (``previous``: the
+subsample's points weighted uniformly, min(8, max(1, 60 // k)) starts of two kinds, no
+annealed one), one start (``num_inits=1``), the OTT-JAX annealed solver
+(``solver="annealed"``: one start, five OTT Sinkhorn annealing stages, then the polish),
+OTT-JAX's ``FreeWassersteinBarycenter`` (``solver="ott"``, one start, timed once; on the
+first ``--ott_classes`` classes only, it is slow) and learned weights (OTT-JAX k-means). Every
+W2^2 is measured exactly by POT's ``ot.emd2`` against the uniform measure on the class's
+points.
 
 Times are per class as the library runs classes on a CPU: one class per call
 (``class_barycenters`` solves one class at a time there), each call's wall time including its
@@ -43,6 +45,13 @@ default, one start and OTT-JAX annealing):
 points, and a random normal init); it writes bench/results/barycenter_anneal.json:
 
     .venv/bin/python -m bench.barycenter --study anneal
+
+``--study robustness`` runs the default, the previous default (with and without Voronoi
+subsample masses) and one start from two keys on each of the 15 stress clouds and 45 more
+clouds of well-separated unequal clusters (n 800-2000, d 32-128, k 5/10/20), W2^2 relative to
+the better of two POT runs; it writes bench/results/barycenter_robustness.json:
+
+    .venv/bin/python -m bench.barycenter --study robustness
 """
 
 from __future__ import annotations
@@ -166,6 +175,81 @@ def anneal_study(args) -> None:
       "summary": summary, "per_cloud": rows, "machine": machine(pot=ot.__version__)})
 
 
+ROBUSTNESS_METHODS = {
+    "default": lambda k: {},
+    "previous default (uniform subsample masses, min(8, 60 // k) starts, none annealed)":
+        lambda k: {"subsample_mass": "uniform", "annealed_inits": 0,
+                   "num_inits": min(8, max(1, 60 // k))},
+    "previous default with Voronoi subsample masses":
+        lambda k: {"subsample_mass": "voronoi", "annealed_inits": 0,
+                   "num_inits": min(8, max(1, 60 // k))},
+    "one start": lambda k: {"num_inits": 1},
+}
+
+
+def robustness_cloud(seed: int) -> tuple[np.ndarray, int]:
+  """(f32[n, d] points, k): 2-5 well-separated clusters of unequal sizes, n 800-2000, d 32-128,
+  k 5/10/20 (the stress family of ``--study anneal`` without its ImageNet-like clouds)."""
+  rng = np.random.default_rng(seed)
+  n, d = int(rng.integers(800, 2001)), int(rng.choice([32, 64, 128]))
+  k = int(rng.choice([5, 10, 20]))
+  return unequal_clusters(rng, n, d), k
+
+
+def robustness_study(args) -> None:
+  """Each method from two keys per cloud on the stress clouds; W2^2 relative to POT's best."""
+  clouds = [("stress", seed, *stress_cloud(seed)) for seed in range(3000, 3000 + args.clouds)]
+  clouds += [("unequal", seed, *robustness_cloud(seed))
+             for seed in range(4000, 4000 + args.unequal)]
+  refs = []
+  for _, seed, points, k in clouds:
+    pts64 = points.astype(np.float64)
+    n, d = points.shape
+    uniform = np.full(n, 1.0 / n)
+    inits = [points[np.random.default_rng(seed).choice(n, k, replace=False)],
+             np.random.default_rng(seed).normal(size=(k, d))]
+    refs.append(min(exact_w2(ot.lp.free_support_barycenter([pts64], [uniform], np.asarray(
+        i, float)), np.full(k, 1.0 / k), pts64) for i in inits))
+  rows = [{"family": f, "seed": s, "n": p.shape[0], "d": p.shape[1], "k": k, "pot_w2": r}
+          for (f, s, p, k), r in zip(clouds, refs, strict=True)]
+  summary = []
+  for name, options in ROBUSTNESS_METHODS.items():
+    ratios, times = [], []
+    for row, (_, seed, points, k) in zip(rows, clouds, strict=True):
+      row[name] = []
+      for draw in range(args.keys):
+        key = jax.random.key(seed + 7919 * draw)
+        jax.block_until_ready(free_support_barycenter(points, k, key, **options(k)))  # compile
+        t, out = timed(lambda: free_support_barycenter(points, k, key, **options(k)))  # noqa: B023
+        row[name].append(exact_w2(out.support, out.weights, points) / row["pot_w2"])
+        ratios.append(row[name][-1])
+        times.append(t)
+    ratios = np.asarray(ratios)
+    summary.append({"method": name, "runs": int(ratios.size),
+                    "w2_ratio_max": float(ratios.max()),
+                    "w2_ratio_median": float(np.median(ratios)),
+                    "runs_above_1pct": int(np.sum(ratios > 1.01)),
+                    "runs_above_3pct": int(np.sum(ratios > 1.03)),
+                    "s_median": float(np.median(times))})
+    print(f"{name:80s} max {ratios.max():.4f} median {np.median(ratios):.4f} > 1%: "
+          f"{summary[-1]['runs_above_1pct']}/{ratios.size} > 3%: "
+          f"{summary[-1]['runs_above_3pct']} s/class {np.median(times):.3f}", flush=True)
+    jax.clear_caches()  # every cloud shape compiled again per method: free the executables
+  write_result(args.out or os.path.join(RESULTS_DIR, "barycenter_robustness.json"), {
+      "benchmark": "barycenter_robustness",
+      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+      "command": "python -m bench.barycenter --study robustness",
+      "config": {"stress_clouds": args.clouds, "unequal_clouds": args.unequal,
+                 "keys_per_cloud": args.keys,
+                 "methods": {n: o(10) for n, o in ROBUSTNESS_METHODS.items()},
+                 "methods_note": "num_inits shown at k=10; the previous default's is "
+                                 "min(8, max(1, 60 // k))",
+                 "reference": "the lower W2^2 of two POT free_support_barycenter runs (k random "
+                              "data points; random normal init), measured by ot.emd2",
+                 "timing": "one call per run after its compilation (not best of repeats)"},
+      "summary": summary, "per_cloud": rows, "machine": machine(pot=ot.__version__)})
+
+
 def exact_w2(support, weights, points) -> float:
   points = np.asarray(points, np.float64)
   weights = np.asarray(weights, np.float64)
@@ -182,7 +266,8 @@ def timed(fn) -> tuple[float, object]:
 
 METHODS = {
     "default": {},
-    "previous": {"subsample": 0, "num_inits": 4, "gaussian_inits": 0, "stop_fraction": 1e-3},
+    "previous": lambda k: {"subsample_mass": "uniform", "annealed_inits": 0,
+                           "num_inits": min(8, max(1, 60 // k))},
     "one_start": {"num_inits": 1},
     "annealed": {"solver": "annealed"},
     "ott": {"solver": "ott"},
@@ -200,13 +285,19 @@ def main() -> None:
                       help="calls per method and class; the best counts (OTT: one call)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=None)
-  parser.add_argument("--study", choices=("anneal",), default=None,
-                      help="run the annealing-schedule study instead (see the docstring)")
+  parser.add_argument("--study", choices=("anneal", "robustness"), default=None,
+                      help="run the annealing-schedule or robustness study instead (docstring)")
+  parser.add_argument("--unequal", type=int, default=45,
+                      help="unequal-cluster clouds of --study robustness")
+  parser.add_argument("--keys", type=int, default=2, help="keys per cloud of --study robustness")
   parser.add_argument("--clouds", type=int, default=15, help="stress clouds of --study anneal")
   parser.add_argument("--small", type=int, default=8, help="small clouds of --study anneal")
   args = parser.parse_args()
   if args.study == "anneal":
     anneal_study(args)
+    return
+  if args.study == "robustness":
+    robustness_study(args)
     return
   args.out = args.out or os.path.join(RESULTS_DIR, "barycenter.json")
   load_before = os.getloadavg()
@@ -232,6 +323,7 @@ def main() -> None:
       for name, opts in METHODS.items():
         if name == "ott" and c >= args.ott_classes:
           continue
+        opts = opts(k) if callable(opts) else opts
         fn = lambda opts=opts: free_support_barycenter(points, k, key, **opts)  # noqa: B023,E731
         if (name, n, d, k) not in compiled:  # warm-up: compile this shape
           compiled.add((name, n, d, k))
@@ -299,13 +391,14 @@ def main() -> None:
                  "is the best of its runs with the BLAS's default threads and with one "
                  "(threadpoolctl): under load its BLAS threads contend",
           "default": "wmdd_jax.barycenter defaults: semi-dual solver; starts on a 512-point "
-                     "subsample (half OTT-JAX k-means seeds, half Gaussian), 5 polish iterations "
-                     "each at start_epsilon 0.03, the best 3 by subsample cost (rank_on_all) "
-                     "ranked by one polish iteration on all points "
-                     "(epsilon 0.01 on all points); min(8, max(1, 60 // k)) starts; "
+                     "subsample weighted by its Voronoi cells (subsample_mass 'voronoi'; half "
+                     "Gaussian seeds, one OTT-JAX Sinkhorn-annealed, the rest OTT-JAX k-means), "
+                     "5 polish iterations each at start_epsilon 0.03, the best 3 by subsample "
+                     "cost (rank_on_all) ranked by one polish iteration on all points "
+                     "(epsilon 0.01 on all points); min(8, 100 // k) starts up to k=30, else 1; "
                      "stop_fraction 5e-3 (float32, jitted)",
-          "previous": "the previous default: 4 k-means++ starts on all points, pruned after 5 "
-                      "iterations, stop_fraction 1e-3",
+          "previous": "the previous default: uniform subsample masses, min(8, max(1, 60 // k)) "
+                      "starts (half OTT-JAX k-means, half Gaussian), no annealed start",
           "one_start": "num_inits=1 (one OTT-JAX k-means start on the subsample)",
           "annealed": "solver='annealed': one k-means++ start, OTT-JAX Sinkhorn annealing at "
                       "2/0.6/0.2/0.06/0.02 of the mean cost, then the Laguerre polish",

@@ -9,15 +9,27 @@ centroid of the mass it receives (POT does this with an exact network-simplex LP
 The default solver (``solver="semidual"``) runs several starts and keeps the best:
 
 1. Starts run on a random subsample of ``subsample=512`` points of the class (all points when
-   it has fewer). Half of them (``gaussian_inits``) are seeded by OTT-JAX's ``ott.tools.k_means``
-   (one run each: a mass-weighted greedy k-means++ seeding of this module, which never draws
-   zero-mass padding rows, refined by 3 Lloyd steps on an ``ott.geometry.pointcloud.PointCloud``),
-   the other half by k draws from the Gaussian of the points' mean and per-coordinate spread
-   (as from POT's random normal start, the first balanced plan then shares the points among
-   the support by random projections, so the support is spread over the clusters by mass).
-   Neither kind alone is safe: on clouds of a few well-separated clusters of unequal sizes each
-   kind ends 4-30% above POT's exact W2^2 from some seeds, and on different clouds (measured
-   on 47 seeded clouds while choosing this default).
+   it has fewer), each subsample point carrying the class mass of its Voronoi cell among the
+   subsample (``subsample_mass="voronoi"``, with several starts): the subsample's clusters
+   then weigh what they weigh in the class. With uniform masses the clusters' masses in the
+   subsample differ from the class's by sampling noise (a few percent at 512 points), and the
+   balanced problem is sensitive to exactly that: how many support points each cluster gets,
+   and which clusters share one, follow from the clusters' masses, so every start could
+   settle on the subsample's optimum, 4-13% above the class's (bench/barycenter.py
+   ``--study robustness``, bench/results/barycenter_robustness.json). The starts are:
+   - ``num_inits`` seeded ones: ``gaussian_inits`` (None: half, rounded down) draws of k points
+     from the Gaussian of the points' mean and per-coordinate spread (as from POT's random
+     normal start, the first balanced plan then shares the points among the support by random
+     projections, so the support is spread over the clusters by mass), the others OTT-JAX
+     ``ott.tools.k_means`` seeds (one run each: a mass-weighted greedy k-means++ seeding of
+     this module, which never draws zero-mass padding rows, refined by 3 Lloyd steps on an
+     ``ott.geometry.pointcloud.PointCloud``);
+   - on top of those, ``annealed_inits`` (None: one, beside more than one) k-means++ seeds
+     annealed by OTT-JAX's ``Sinkhorn`` (``ott.solvers.linear.sinkhorn``, on an
+     ``ott.geometry.geometry.Geometry`` of the squared-Euclidean costs) at the entropic
+     schedule ``anneal`` (as ``solver="annealed"`` below, on the subsample).
+   No kind alone is safe: on clouds of a few well-separated clusters of unequal sizes each
+   ends 3-30% above POT's exact W2^2 from some seeds, on different clouds.
 2. Every start runs ``prune_iterations=5`` iterations of the **Laguerre polish** on the
    subsample: the plan's potentials g (k values) are balanced through the *semi-dual*
 
@@ -40,9 +52,9 @@ The default solver (``solver="semidual"``) runs several starts and keeps the bes
    changes cell in one iteration.
 
 A start's work grows about linearly with k, while a support point shared out to the wrong
-cluster carries 1/k of the mass, so ``num_inits=None`` runs min(8, max(1, 60 // k)) starts: 8
-up to k=7, 6 at k=10, 3 at k=20 and one from k=31 (at k=50 one start stays within 1% of POT on
-the benchmark's clouds, and the per-class time is what keeps the default ahead of POT there).
+cluster carries 1/k of the mass, so ``num_inits=None`` runs min(8, 100 // k) starts up to
+k=30 (8 up to k=12, 5 at k=20) and one above (at k=50 one start stays within 1% of POT on the
+benchmark's clouds, and the per-class time is what keeps the default ahead of POT there).
 
 ``solver="annealed"`` is the OTT-JAX route: one seeding, then for each relative epsilon of
 ``anneal`` (default 2, 0.6, 0.2, 0.06, 0.02 times the mean cost at the seeding) OTT-JAX's
@@ -51,9 +63,10 @@ the benchmark's clouds, and the per-class time is what keeps the default ahead o
 stage's potentials (f, g), every b_j moves to the barycentre of its plan column, and the polish
 above finishes from OTT's g. Annealing repairs most one-start failures (stress clouds of
 unequal clusters) but, deterministic, it lands in the same poor optimum from every start on
-some small clouds of a few clusters (3-13% above POT, the study above), so it is not the
-default. In the default the plans are solved by the semi-dual Newton iteration above (our own,
-from OTT-JAX-seeded starts); OTT-JAX's Sinkhorn solves them only in "annealed".
+some small clouds of a few clusters (3-13% above POT, the study above), so alone it is not
+the default; it is one of the default's starts. In the default the plans of the polish are
+solved by the semi-dual Newton iteration above (our own, from OTT-JAX-seeded and
+OTT-JAX-annealed starts); OTT-JAX's Sinkhorn solves the annealed start's plans.
 ``solver="ott"`` runs OTT-JAX's ``FreeWassersteinBarycenter``
 (``ott.solvers.linear.continuous_barycenter`` on a ``FreeBarycenterProblem``) from one seeding,
 the reference entropic solver; about two orders of magnitude slower on CPU here, and its
@@ -145,9 +158,9 @@ class BarycenterOptions:
     init_candidates: seeds tried per greedy k-means++ step (the one that lowers the k-means cost
       most is kept). None: 2 + int(log k), as scikit-learn.
     num_inits: independent starts solved per call (one after another); the lowest-cost one is
-      kept. None: for "semidual" min(8, max(1, 60 // k)) (8 up to k=7, 6 at k=10; one start can
-      end far above POT's optimum on clouds of a few unequal clusters), 4 for ``learn_weights`` (OTT
-      k-means runs, vmapped), 1 for "annealed" and "ott".
+      kept. None: for "semidual" min(8, 100 // k) up to k=30 and 1 above (8 up to k=12, 5 at
+      k=20; one start can end far above POT's optimum on clouds of a few unequal clusters), 4
+      for ``learn_weights`` (OTT k-means runs, vmapped), 1 for "annealed" and "ott".
     prune_iterations: with num_inits > 1 (uniform weights; "annealed" and "semidual"), every
       start runs this many polish iterations (on the subsample), then is ranked (by one
       iteration on all points when subsampled) and only the best continues; 0 runs every
@@ -158,9 +171,18 @@ class BarycenterOptions:
       subsample ranks all but near-ties right. None: every start is ranked on all points.
     subsample: the starts run on a random subsample of this many points (drawn by mass) when a
       class has more, then the winner is polished on all points; 0: all points throughout.
+    subsample_mass: the masses of the subsample's points: "voronoi", the class mass of each
+      one's Voronoi cell among the subsample (one n x subsample x d pass), so its clusters
+      weigh what they weigh in the class; "uniform", equal masses (the clusters' masses then
+      carry the sampling noise that can steer every start to another optimum). None:
+      "voronoi" with several starts, "uniform" with one (k > 30 by default, where the pass
+      would cost about as much as the one start: 0.08 -> 0.15 s at n=5000, d=512).
     gaussian_inits: how many of the starts are seeded from the Gaussian fit of the points
       (mean and per-coordinate spread) instead of OTT-JAX k-means. None: half of them, rounded
       down, for "semidual"; none for "annealed".
+    annealed_inits: starts of the "semidual" solver, on top of the ``num_inits`` seeded ones,
+      from k-means++ seeds annealed by OTT-JAX Sinkhorn at ``anneal`` (on the subsample)
+      before their polish. None: one when there is more than one seeded start, else none.
     ott_epsilon: OTT FreeWassersteinBarycenter's entropic regularisation ("ott" solver),
       relative to the mean cost (its PointCloud convention); static.
   """
@@ -182,6 +204,8 @@ class BarycenterOptions:
   rank_on_all: int | None = 3
   subsample: int = 512
   gaussian_inits: int | None = None
+  annealed_inits: int | None = None
+  subsample_mass: str | None = None
   ott_epsilon: float = 0.01
 
   def __post_init__(self):
@@ -190,9 +214,10 @@ class BarycenterOptions:
       value, low = getattr(self, name), int(name in ("max_newton_steps", "sinkhorn_iterations"))
       if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"barycenter option {name}={value!r} must be an int >= {low}.")
-    for name in ("lloyd_steps", "init_candidates", "num_inits", "gaussian_inits", "rank_on_all"):
+    for name in ("lloyd_steps", "init_candidates", "num_inits", "gaussian_inits", "rank_on_all",
+                 "annealed_inits"):
       value = getattr(self, name)
-      low = 0 if name in ("lloyd_steps", "gaussian_inits") else 1
+      low = 0 if name in ("lloyd_steps", "gaussian_inits", "annealed_inits") else 1
       if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                 or value < low):
         raise ConfigError(f"barycenter option {name}={value!r} must be None or an int >= {low}.")
@@ -205,6 +230,9 @@ class BarycenterOptions:
           f"sinkhorn_threshold={self.sinkhorn_threshold} and ott_epsilon={self.ott_epsilon} "
           f"must be > 0 and stop_fraction={self.stop_fraction} >= 0."
       )
+    if self.subsample_mass is not None and self.subsample_mass not in SUBSAMPLE_MASSES:
+      raise ConfigError(f"barycenter option subsample_mass={self.subsample_mass!r} is not one of "
+                        f"{SUBSAMPLE_MASSES}.")
     if self.solver not in SOLVERS:
       raise ConfigError(f"barycenter option solver={self.solver!r} is not one of {SOLVERS}.")
     anneal = tuple(float(e) for e in np.atleast_1d(np.asarray(self.anneal, float)))
@@ -226,8 +254,8 @@ class BarycenterOptions:
     if self.solver != "semidual":
       return 1
     # A start's work grows about linearly with k while a support point shared out to the wrong
-    # cluster carries 1/k of the mass: 8 starts up to k=7, 6 at k=10, 3 at k=20, one from k=31.
-    return min(8, max(1, 60 // num_support))
+    # cluster carries 1/k of the mass: 8 starts up to k=12, 5 at k=20, one from k=31.
+    return 1 if num_support > 30 else min(8, 100 // num_support)
 
   def gaussian_starts(self, starts: int) -> int:
     """How many of ``starts`` (uniform weights) are Gaussian seedings (``gaussian_inits`` with
@@ -236,8 +264,16 @@ class BarycenterOptions:
       return min(self.gaussian_inits, starts)
     return starts // 2 if self.solver == "semidual" else 0
 
+  def annealed_starts(self, starts: int) -> int:
+    """How many OTT-annealed starts come on top of ``starts`` seeded ones (uniform weights;
+    ``annealed_inits`` with its None resolved: one beside several for "semidual", else none)."""
+    if self.annealed_inits is not None:
+      return self.annealed_inits if self.solver == "semidual" else 0
+    return int(starts > 1 and self.solver == "semidual")
+
 
 SOLVERS = ("annealed", "semidual", "ott")
+SUBSAMPLE_MASSES = ("voronoi", "uniform")
 
 
 # Levenberg-Marquardt damping values tried in parallel at each Newton step. The scaled Hessian
@@ -666,13 +702,16 @@ def _solve_one(
   mass = mass.astype(jnp.float32)
   sq_norms = jnp.sum(points * points, -1)
   candidates = opts.init_candidates or 2 + int(math.log(num_support))
-  starts = opts.starts(learn_weights, num_support)
+  seeded = opts.starts(learn_weights, num_support)  # k-means and Gaussian starts
+  # OTT-annealed starts come on top, so they only add candidates to the seeded ones.
+  annealed = 0 if learn_weights else opts.annealed_starts(seeded)
+  starts = seeded + annealed
   lloyd_steps = opts.lloyd_steps
   if lloyd_steps is None:
     lloyd_steps = 100 if learn_weights else 0 if opts.solver == "annealed" else 3
 
   if learn_weights:
-    support, weights = _kmeans(points, mass, sq_norms, key, num_support, candidates, starts,
+    support, weights = _kmeans(points, mass, sq_norms, key, num_support, candidates, seeded,
                                lloyd_steps)
     # Cell masses sum to 1 up to round-off; renormalise so downstream code can rely on it.
     return Barycenter(support, weights / jnp.sum(weights))
@@ -691,11 +730,14 @@ def _solve_one(
   if subsampled:
     idx = _subsample(sub_key, mass, opts.subsample)
     s_points, s_sq = points[idx], sq_norms[idx]
-    s_mass = jnp.where(mass[idx] > 0, 1.0, 0.0)
-    s_mass = s_mass / jnp.sum(s_mass)
+    if (opts.subsample_mass or ("voronoi" if starts > 1 else "uniform")) == "voronoi":
+      s_mass = _voronoi_mass(points, mass, sq_norms, s_points)
+    else:
+      s_mass = jnp.where(mass[idx] > 0, 1.0, 0.0)
+      s_mass = s_mass / jnp.sum(s_mass)
   else:
     s_points, s_mass, s_sq = points, mass, sq_norms
-  gaussian = opts.gaussian_starts(starts)
+  gaussian = opts.gaussian_starts(seeded)
   # Pruned multi-start: every start runs ``prune_iterations`` polish iterations, then only the
   # best continues.
   prune = starts > 1 and 0 < opts.prune_iterations < opts.num_iterations
@@ -711,12 +753,15 @@ def _solve_one(
   rank_all = opts.rank_on_all is None or opts.rank_on_all >= starts
 
   def run(key, kind):
+    g = jnp.zeros((num_support,), jnp.float32)
     if kind == "gaussian":
       support = _gaussian_seed(key, s_points, s_mass, num_support)
+    elif kind == "annealed":
+      support = _kmeans_pp(key, s_points, s_mass, s_sq, num_support, candidates)
+      support, g = _anneal(s_points, s_mass, support, opts)
     else:
       support = _kmeans_seed(key, s_points, s_mass, s_sq, num_support, candidates, lloyd_steps)
-    g = jnp.zeros((num_support,), jnp.float32)
-    if opts.solver == "annealed" and opts.anneal:
+    if opts.solver == "annealed" and opts.anneal and kind != "annealed":
       support, g = _anneal(s_points, s_mass, support, opts)
     # The cost ranks the starts; subsampled, it only picks those ranked on all points (below).
     estimate = starts > 1 and not (subsampled and rank_all)
@@ -729,14 +774,17 @@ def _solve_one(
     # clusters that differ by 10% and more on all points.
     return _balanced(points, mass, sq_norms, *support_g, opts, True, 1)
 
-  keys = jax.random.split(start_key, starts)
+  keys = jax.random.split(start_key, seeded)
+  if annealed:  # keys of their own: the seeded starts' draws do not depend on them
+    keys = jnp.concatenate([keys, jax.random.split(jax.random.fold_in(start_key, 1), annealed)])
   if starts == 1:
     support, g, _ = run(keys[0], "gaussian" if gaussian else "kmeans")
   else:
     # One start after another (lax.map, not vmap): vmapped, every start's while loops would run
     # until the slowest converges and the semi-dual's fast-path cond would compute both branches.
     outs = [jax.lax.map(functools.partial(run, kind=kind), part) for kind, part in
-            (("kmeans", keys[:starts - gaussian]), ("gaussian", keys[starts - gaussian:]))
+            (("kmeans", keys[:seeded - gaussian]), ("gaussian", keys[seeded - gaussian:seeded]),
+             ("annealed", keys[seeded:]))
             if part.shape[0]]
     supports, gs, costs = (jnp.concatenate(x) for x in zip(*outs, strict=True))
     if subsampled:
@@ -770,6 +818,17 @@ def _subsample(key: jax.Array, mass: jax.Array, size: int) -> jax.Array:
       jnp.arange(mass.shape[0]))
   scores = jnp.where(mass > 0, scores + jnp.log(jnp.where(mass > 0, mass, 1.0)), -jnp.inf)
   return jnp.sort(jax.lax.top_k(scores, size)[1])
+
+
+def _voronoi_mass(points, mass, sq_norms, s_points):
+  """f32[m]: the class's mass in each subsample point's Voronoi cell among the subsample.
+
+  Every point (``points`` f32[n, d], ``mass`` f32[n], zeros for padding) gives its mass to its
+  nearest subsample point (``s_points`` f32[m, d]), so the weighted subsample is a quantisation
+  of the class (close in W2) whose well-separated clusters carry exactly the class's masses.
+  """
+  labels = jnp.argmin(_sq_dists(points, sq_norms, s_points), 1)
+  return jax.ops.segment_sum(mass, labels, s_points.shape[0])
 
 
 def _gaussian_seed(key: jax.Array, points: jax.Array, mass: jax.Array, num_support: int
