@@ -52,3 +52,15 @@ def _torch_only_where_marked(request):
       and request.node.get_closest_marker("torch") is None):
     pytest.fail(f"{request.node.nodeid} imported torch without @pytest.mark.torch; mark it so "
                 "that `make test` runs it in the torch process", pytrace=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's compiled programs after each test module. Every executable XLA's CPU backend
+  keeps maps memory of its own, and one process holding the whole suite's programs reached the
+  kernel's limit on memory mappings (vm.max_map_count, 65530 here): LLVM then aborts the
+  process mid-compilation ("Cannot allocate memory"), as a clean-clone run did once the
+  barycenter tests compiled more solver variants. Modules rarely share programs, so little is
+  compiled twice."""
+  yield
+  jax.clear_caches()
