@@ -104,13 +104,20 @@ def family_class(family: str, rng: np.random.Generator, c: int) -> tuple[np.ndar
   raise ValueError(family)
 
 
+def robustness_cloud(seed: int) -> tuple[np.ndarray, int]:
+  """(f32[n, d] points, k): 2-5 well-separated clusters of unequal sizes, n 800-2000, d 32-128,
+  k 5/10/20 (``--study robustness``; two in three stress clouds of ``--study anneal``)."""
+  rng = np.random.default_rng(seed)
+  n, d = int(rng.integers(800, 2001)), int(rng.choice([32, 64, 128]))
+  k = int(rng.choice([5, 10, 20]))
+  return unequal_clusters(rng, n, d), k
+
+
 def stress_cloud(seed: int) -> tuple[np.ndarray, int]:
   """(f32[n, d] points, k) of one stress cloud of ``--study anneal``."""
-  rng = np.random.default_rng(seed)
   if seed % 3 < 2:
-    n, d = int(rng.integers(800, 2001)), int(rng.choice([32, 64, 128]))
-    k = int(rng.choice([5, 10, 20]))
-    return unequal_clusters(rng, n, d), k
+    return robustness_cloud(seed)
+  rng = np.random.default_rng(seed)
   return class_features(rng, 1300, 512), int(rng.choice([10, 50]))
 
 
@@ -133,23 +140,30 @@ def small_cloud(seed: int) -> tuple[np.ndarray, int]:
       np.float32), 5
 
 
+def pot_reference(points: np.ndarray, k: int, seed: int) -> float:
+  """The lower exact W2^2 of two POT ``free_support_barycenter`` runs on ``points``: from k
+  random data points and from a random normal init (both drawn from ``seed``)."""
+  pts64 = points.astype(np.float64)
+  n, d = points.shape
+  uniform = np.full(n, 1.0 / n)
+  inits = [points[np.random.default_rng(seed).choice(n, k, replace=False)],
+           np.random.default_rng(seed).normal(size=(k, d))]
+  return min(exact_w2(ot.lp.free_support_barycenter([pts64], [uniform], np.asarray(i, float)),
+                      np.full(k, 1.0 / k), pts64) for i in inits)
+
+
 def anneal_study(args) -> None:
   """One start per annealing schedule on the stress clouds; writes the W2^2 ratios to POT."""
   rows = []
   clouds = [("stress", seed, *stress_cloud(seed)) for seed in range(3000, 3000 + args.clouds)]
   clouds += [("small", seed, *small_cloud(seed)) for seed in range(3100, 3100 + args.small)]
   for family, seed, points, k in clouds:
-    pts64 = points.astype(np.float64)
+    pot = pot_reference(points, k, seed)
     n, d = points.shape
-    uniform = np.full(n, 1.0 / n)
-    inits = [points[np.random.default_rng(seed).choice(n, k, replace=False)],
-             np.random.default_rng(seed).normal(size=(k, d))]
-    pot = min(exact_w2(ot.lp.free_support_barycenter([pts64], [uniform], np.asarray(i, float)),
-                       np.full(k, 1.0 / k), pts64) for i in inits)
     row = {"family": family, "seed": seed, "n": n, "d": d, "k": k, "pot_w2": pot}
     for name, opts in SCHEDULES.items():
       out = free_support_barycenter(points, k, jax.random.key(seed), **opts)
-      row[name] = exact_w2(out.support, out.weights, pts64) / pot
+      row[name] = exact_w2(out.support, out.weights, points) / pot
     rows.append(row)
     print(f"{family} {seed} n={n} d={d} k={k}: " + " | ".join(
         f"{name} {row[name]:.4f}" for name in SCHEDULES), flush=True)
@@ -187,29 +201,12 @@ ROBUSTNESS_METHODS = {
 }
 
 
-def robustness_cloud(seed: int) -> tuple[np.ndarray, int]:
-  """(f32[n, d] points, k): 2-5 well-separated clusters of unequal sizes, n 800-2000, d 32-128,
-  k 5/10/20 (the stress family of ``--study anneal`` without its ImageNet-like clouds)."""
-  rng = np.random.default_rng(seed)
-  n, d = int(rng.integers(800, 2001)), int(rng.choice([32, 64, 128]))
-  k = int(rng.choice([5, 10, 20]))
-  return unequal_clusters(rng, n, d), k
-
-
 def robustness_study(args) -> None:
   """Each method from two keys per cloud on the stress clouds; W2^2 relative to POT's best."""
   clouds = [("stress", seed, *stress_cloud(seed)) for seed in range(3000, 3000 + args.clouds)]
   clouds += [("unequal", seed, *robustness_cloud(seed))
              for seed in range(4000, 4000 + args.unequal)]
-  refs = []
-  for _, seed, points, k in clouds:
-    pts64 = points.astype(np.float64)
-    n, d = points.shape
-    uniform = np.full(n, 1.0 / n)
-    inits = [points[np.random.default_rng(seed).choice(n, k, replace=False)],
-             np.random.default_rng(seed).normal(size=(k, d))]
-    refs.append(min(exact_w2(ot.lp.free_support_barycenter([pts64], [uniform], np.asarray(
-        i, float)), np.full(k, 1.0 / k), pts64) for i in inits))
+  refs = [pot_reference(points, k, seed) for _, seed, points, k in clouds]
   rows = [{"family": f, "seed": s, "n": p.shape[0], "d": p.shape[1], "k": k, "pot_w2": r}
           for (f, s, p, k), r in zip(clouds, refs, strict=True)]
   summary = []

@@ -157,10 +157,11 @@ class BarycenterOptions:
     max_newton_steps: cap on damped Newton steps per semi-dual solve.
     init_candidates: seeds tried per greedy k-means++ step (the one that lowers the k-means cost
       most is kept). None: 2 + int(log k), as scikit-learn.
-    num_inits: independent starts solved per call (one after another); the lowest-cost one is
-      kept. None: for "semidual" min(8, 100 // k) up to k=30 and 1 above (8 up to k=12, 5 at
-      k=20; one start can end far above POT's optimum on clouds of a few unequal clusters), 4
-      for ``learn_weights`` (OTT k-means runs, vmapped), 1 for "annealed" and "ott".
+    num_inits: independent seeded starts solved per call (one after another; the
+      ``annealed_inits`` come on top); the lowest-cost start is kept. None: for "semidual"
+      min(8, 100 // k) up to k=30 and 1 above (8 up to k=12, 5 at k=20; one start can end far
+      above POT's optimum on clouds of a few unequal clusters), 4 for ``learn_weights`` (OTT
+      k-means runs, vmapped), 1 for "annealed" and "ott".
     prune_iterations: with num_inits > 1 (uniform weights; "annealed" and "semidual"), every
       start runs this many polish iterations (on the subsample), then is ranked (by one
       iteration on all points when subsampled) and only the best continues; 0 runs every
@@ -177,7 +178,7 @@ class BarycenterOptions:
       carry the sampling noise that can steer every start to another optimum). None:
       "voronoi" with several starts, "uniform" with one (k > 30 by default, where the pass
       would cost about as much as the one start: 0.08 -> 0.15 s at n=5000, d=512).
-    gaussian_inits: how many of the starts are seeded from the Gaussian fit of the points
+    gaussian_inits: how many of the seeded starts are drawn from the Gaussian fit of the points
       (mean and per-coordinate spread) instead of OTT-JAX k-means. None: half of them, rounded
       down, for "semidual"; none for "annealed".
     annealed_inits: starts of the "semidual" solver, on top of the ``num_inits`` seeded ones,
