@@ -53,6 +53,16 @@ clouds of well-separated unequal clusters (n 800-2000, d 32-128, k 5/10/20), W2^
 the better of two POT runs; it writes bench/results/barycenter_robustness.json:
 
     .venv/bin/python -m bench.barycenter --study robustness
+
+``--study features`` runs the default, the previous default, one start and 16 seeded starts on
+a labelled feature set, such as the penultimate features a pipeline run leaves in its workdir
+(``features.npy``, with the rows' labels in ``stats.npz``): per class and k (``--ks``), from
+``--keys`` keys through ``class_barycenters``, W2^2 relative to the better of two POT runs, and
+POT's own spread (its worse run over its better); it writes ``--out`` (default
+bench/results/barycenter_features.json):
+
+    .venv/bin/python -m bench.barycenter --study features --features W/features.npy \
+        --labels W/stats.npz:labels --out bench/results/barycenter_features_cifar10_dev.json
 """
 
 from __future__ import annotations
@@ -66,7 +76,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits  # scikit-learn's dependency (requirements.txt)
 
 from bench.common import RESULTS_DIR, machine, write_result
-from wmdd_jax.barycenter import free_support_barycenter
+from wmdd_jax.barycenter import class_barycenters, free_support_barycenter
 
 # POT imports PyTorch and TensorFlow at import time when they are installed; only its numpy LP
 # is timed here, so its switches keep them out of this process.
@@ -141,16 +151,26 @@ def small_cloud(seed: int) -> tuple[np.ndarray, int]:
       np.float32), 5
 
 
-def pot_reference(points: np.ndarray, k: int, seed: int) -> float:
-  """The lower exact W2^2 of two POT ``free_support_barycenter`` runs on ``points``: from k
-  random data points and from a random normal init (both drawn from ``seed``)."""
+def pot_runs(points: np.ndarray, k: int, seed: int) -> tuple[list[float], list[float]]:
+  """Two POT ``free_support_barycenter`` runs on ``points``, from k random data points and from
+  a random normal init (both drawn from ``seed``): (their exact W2^2, their seconds)."""
   pts64 = points.astype(np.float64)
   n, d = points.shape
   uniform = np.full(n, 1.0 / n)
   inits = [points[np.random.default_rng(seed).choice(n, k, replace=False)],
            np.random.default_rng(seed).normal(size=(k, d))]
-  return min(exact_w2(ot.lp.free_support_barycenter([pts64], [uniform], np.asarray(i, float)),
-                      np.full(k, 1.0 / k), pts64) for i in inits)
+  w2s, seconds = [], []
+  for init in inits:
+    start = time.perf_counter()
+    support = ot.lp.free_support_barycenter([pts64], [uniform], np.asarray(init, float))
+    seconds.append(time.perf_counter() - start)
+    w2s.append(exact_w2(support, np.full(k, 1.0 / k), pts64))
+  return w2s, seconds
+
+
+def pot_reference(points: np.ndarray, k: int, seed: int) -> float:
+  """The lower exact W2^2 of the two POT runs of :func:`pot_runs`."""
+  return min(pot_runs(points, k, seed)[0])
 
 
 def anneal_study(args) -> None:
@@ -205,6 +225,96 @@ ROBUSTNESS_METHODS = {
     "OTT-JAX annealing on all points, one start (solver annealed, subsample 0)":
         lambda k: {"solver": "annealed", "subsample": 0},
 }
+
+
+FEATURE_METHODS = {
+    "default": lambda k: {},
+    "previous default (uniform subsample masses, min(8, 60 // k) starts, none annealed)":
+        ROBUSTNESS_METHODS["previous default (uniform subsample masses, min(8, 60 // k) starts, "
+                           "none annealed)"],
+    "one start": lambda k: {"num_inits": 1},
+    "16 seeded starts": lambda k: {"num_inits": 16},
+}
+
+
+def load_labels(spec: str) -> np.ndarray:
+  """int[N] labels from ``path.npy`` or ``path.npz:key``."""
+  path, key = spec.rsplit(":", 1) if ".npz:" in spec else (spec, "")
+  if path.endswith(".npz"):
+    with np.load(path) as data:
+      if key not in data.files:
+        raise SystemExit(f"--labels {spec}: name the array as {path}:<key>, one of {data.files}")
+      return np.asarray(data[key])
+  return np.load(path)
+
+
+def features_study(args) -> None:
+  """The methods against POT on a labelled feature set (a pipeline's features.npy), per class."""
+  features = np.load(args.features).astype(np.float32)
+  labels = load_labels(args.labels).astype(np.int64)
+  if features.ndim != 2 or labels.shape != features.shape[:1]:
+    raise SystemExit(f"--features must be [N, d] and --labels [N]: got {features.shape} and "
+                     f"{labels.shape} (the train split's labels, in the features' order).")
+  num_classes = int(labels.max()) + 1
+  classes = range(min(num_classes, args.feature_classes))
+  ks = [int(k) for k in args.ks.split(",") if k]
+  rows, summary = [], []
+  for k in ks:
+    runs = [pot_runs(features[labels == c], k, 100 + c) for c in classes]
+    pots = [w2s for w2s, _ in runs]
+    k_rows = [{"k": k, "class": c, "n": int(np.sum(labels == c)), "pot_w2": w2s, "pot_s": secs}
+              for c, (w2s, secs) in zip(classes, runs, strict=True)]
+    rows += k_rows
+    pot_spread = [max(r) / min(r) for r in pots]
+    # POT from the random normal init, as the official code calls it (the study's timed run).
+    pot_s = float(np.median([secs[1] for _, secs in runs]))
+    summary.append({"k": k, "method": "POT's worse run / its better run",
+                    "w2_ratio_median": float(np.median(pot_spread)),
+                    "w2_ratio_max": float(max(pot_spread)), "s_per_class_median": pot_s})
+    for name, options in FEATURE_METHODS.items():
+      ratios, times = [], []
+      for draw in range(args.keys):
+        key = jax.random.key(draw)
+        jax.block_until_ready(class_barycenters(features, labels, num_classes, k, key,
+                                                **options(k)))  # compile
+        t, out = timed(lambda: class_barycenters(features, labels, num_classes, k, key,  # noqa: B023
+                                                 **options(k)))  # noqa: B023
+        times.append(t / num_classes)
+        for c in classes:
+          points = features[labels == c]
+          ratios.append(exact_w2(out.support[c], out.weights[c], points) / min(pots[c]))
+          k_rows[c].setdefault(name, []).append(ratios[-1])
+      ratios = np.asarray(ratios)
+      summary.append({"k": k, "method": name, "runs": int(ratios.size),
+                      "w2_ratio_median": float(np.median(ratios)),
+                      "w2_ratio_min": float(ratios.min()), "w2_ratio_max": float(ratios.max()),
+                      "runs_above_1pct": int(np.sum(ratios > 1.01)),
+                      "s_per_class_median": float(np.median(times)),
+                      "speedup_over_pot": pot_s / float(np.median(times))})
+    for e in summary[-len(FEATURE_METHODS) - 1:]:
+      extra = (f" min {e['w2_ratio_min']:.4f} > 1%: {e['runs_above_1pct']}/{e['runs']} "
+               f"x{e['speedup_over_pot']:.1f}" if "runs" in e else "")
+      print(f"k={k:3d} {e['method'][:60]:60s} median {e['w2_ratio_median']:.4f} max "
+            f"{e['w2_ratio_max']:.4f} s/class {e['s_per_class_median']:.3f}{extra}", flush=True)
+    jax.clear_caches()
+  write_result(args.out or os.path.join(RESULTS_DIR, "barycenter_features.json"), {
+      "benchmark": "barycenter_features",
+      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+      "config": {"features": args.features, "labels": args.labels,
+                 "shape": list(features.shape), "classes": len(classes), "ks": ks,
+                 "keys": args.keys,
+                 "methods": {n: o(10) for n, o in FEATURE_METHODS.items()},
+                 "methods_note": "num_inits shown at k=10; the previous default's is "
+                                 "min(8, max(1, 60 // k))",
+                 "reference": "the lower W2^2 of two POT free_support_barycenter runs (k random "
+                              "class points; random normal init; seed 100 + class), measured by "
+                              "ot.emd2; keys: class_barycenters(key(draw)), class c from "
+                              "fold_in(key, c)",
+                 "timing": "class_barycenters on all classes (one class per call on CPU) after "
+                           "compilation, divided by the number of classes, median over keys; "
+                           "POT: its random-normal-init run per class (BLAS default threads), "
+                           "median over classes; speedup_over_pot is the ratio of the medians"},
+      "summary": summary, "per_class": rows, "machine": machine(pot=ot.__version__)})
 
 
 def robustness_study(args) -> None:
@@ -288,14 +398,30 @@ def main() -> None:
                       help="calls per method and class; the best counts (OTT: one call)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=None)
-  parser.add_argument("--study", choices=("anneal", "robustness"), default=None,
+  parser.add_argument("--study", choices=("anneal", "robustness", "features"), default=None,
                       help="run the annealing-schedule or robustness study instead (docstring)")
   parser.add_argument("--unequal", type=int, default=45,
                       help="unequal-cluster clouds of --study robustness")
-  parser.add_argument("--keys", type=int, default=2, help="keys per cloud of --study robustness")
+  parser.add_argument("--keys", type=int, default=None,
+                      help="keys per cloud of --study robustness (default 2), per class of "
+                           "--study features (default 3)")
   parser.add_argument("--clouds", type=int, default=15, help="stress clouds of --study anneal")
   parser.add_argument("--small", type=int, default=8, help="small clouds of --study anneal")
+  parser.add_argument("--features", default=None,
+                      help="--study features: f32[N, d] .npy (a pipeline workdir's features.npy)")
+  parser.add_argument("--labels", default=None,
+                      help="--study features: int[N] labels, path.npy or path.npz:key")
+  parser.add_argument("--ks", default="10,20", help="--study features: support sizes")
+  parser.add_argument("--feature_classes", type=int, default=10,
+                      help="--study features: the first this many classes")
   args = parser.parse_args()
+  if args.keys is None:
+    args.keys = 3 if args.study == "features" else 2
+  if args.study == "features":
+    if not (args.features and args.labels):
+      parser.error("--study features needs --features F.npy and --labels L.npy|L.npz:key")
+    features_study(args)
+    return
   if args.study == "anneal":
     anneal_study(args)
     return
