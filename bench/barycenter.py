@@ -399,7 +399,8 @@ def main() -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=None)
   parser.add_argument("--study", choices=("anneal", "robustness", "features"), default=None,
-                      help="run the annealing-schedule or robustness study instead (docstring)")
+                      help="run the annealing-schedule, robustness or real-features study "
+                           "instead (docstring)")
   parser.add_argument("--unequal", type=int, default=45,
                       help="unequal-cluster clouds of --study robustness")
   parser.add_argument("--keys", type=int, default=None,
