@@ -210,14 +210,18 @@ def anneal_study(args) -> None:
       "summary": summary, "per_cloud": rows, "machine": machine(pot=ot.__version__)})
 
 
+def previous_default(k: int) -> dict:
+  """The options that give the default before commit 02c295d at support size k."""
+  return {"subsample_mass": "uniform", "annealed_inits": 0, "num_inits": min(8, max(1, 60 // k))}
+
+
+PREVIOUS = "previous default (uniform subsample masses, min(8, 60 // k) starts, none annealed)"
+
 ROBUSTNESS_METHODS = {
     "default": lambda k: {},
-    "previous default (uniform subsample masses, min(8, 60 // k) starts, none annealed)":
-        lambda k: {"subsample_mass": "uniform", "annealed_inits": 0,
-                   "num_inits": min(8, max(1, 60 // k))},
+    PREVIOUS: previous_default,
     "previous default with Voronoi subsample masses":
-        lambda k: {"subsample_mass": "voronoi", "annealed_inits": 0,
-                   "num_inits": min(8, max(1, 60 // k))},
+        lambda k: {**previous_default(k), "subsample_mass": "voronoi"},
     "one start": lambda k: {"num_inits": 1},
     # Annealing as the cure for poor local optima, without multiple starts: one k-means++ seed,
     # OTT-JAX Sinkhorn at epsilon 2 -> 0.02 of the mean cost, then the polish.
@@ -229,9 +233,7 @@ ROBUSTNESS_METHODS = {
 
 FEATURE_METHODS = {
     "default": lambda k: {},
-    "previous default (uniform subsample masses, min(8, 60 // k) starts, none annealed)":
-        ROBUSTNESS_METHODS["previous default (uniform subsample masses, min(8, 60 // k) starts, "
-                           "none annealed)"],
+    PREVIOUS: previous_default,
     "one start": lambda k: {"num_inits": 1},
     "16 seeded starts": lambda k: {"num_inits": 16},
 }
@@ -273,10 +275,10 @@ def features_study(args) -> None:
                     "w2_ratio_max": float(max(pot_spread)), "s_per_class_median": pot_s})
     for name, options in FEATURE_METHODS.items():
       ratios, times = [], []
+      jax.block_until_ready(class_barycenters(features, labels, num_classes, k,
+                                              jax.random.key(0), **options(k)))  # compile
       for draw in range(args.keys):
         key = jax.random.key(draw)
-        jax.block_until_ready(class_barycenters(features, labels, num_classes, k, key,
-                                                **options(k)))  # compile
         t, out = timed(lambda: class_barycenters(features, labels, num_classes, k, key,  # noqa: B023
                                                  **options(k)))  # noqa: B023
         times.append(t / num_classes)
@@ -379,8 +381,7 @@ def timed(fn) -> tuple[float, object]:
 
 METHODS = {
     "default": {},
-    "previous": lambda k: {"subsample_mass": "uniform", "annealed_inits": 0,
-                           "num_inits": min(8, max(1, 60 // k))},
+    "previous": previous_default,
     "one_start": {"num_inits": 1},
     "annealed": {"solver": "annealed"},
     "ott": {"solver": "ott"},
